@@ -1,0 +1,72 @@
+"""The one signature every reducer shares.
+
+A reducer is a pure tensor function. It knows nothing about models: it takes the pool-able tokens of a
+batch (protected tokens such as CLS and the distillation token are cut off by the adapter before the
+call and never reach a reducer), how many original patches each token already stands for, the number
+of tokens to keep, and whichever attention signals it declared it needs; it returns the reduced tokens,
+their sizes, and which output each input went to.
+
+    reducer(tokens [B, N, C], sizes [B, N], k, signals, **options) -> PoolResult
+
+Every image in the batch is reduced independently (no Python loop over images, no statistic shared
+across the batch), so an image's output never depends on its neighbours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Signals:
+    """Attention-derived inputs a reducer may ask for (only the ones it declares are computed).
+
+    significance: [B, N] total attention each token *receives*, summed over heads and over all
+        queries (PoWER-BERT / Token Pooling). Needs explicit attention probabilities.
+    keys: [B, N, D] attention keys averaged over heads (ToMe's similarity metric). Free under SDPA.
+    cls_attention: [B, N] attention the class token pays to each token, averaged over heads (EViT).
+        Needs the class token's row of the attention probabilities.
+    """
+
+    significance: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
+    cls_attention: torch.Tensor | None = None
+
+
+@dataclass
+class PoolResult:
+    tokens: torch.Tensor  # [B, k, C] the reduced tokens
+    sizes: torch.Tensor  # [B, k] how many original patches each output token stands for (float)
+    assign: torch.Tensor  # [B, N] long in [0, k): the output token each input token was pooled into
+
+
+def check_reduce_args(tokens: torch.Tensor, sizes: torch.Tensor, k: int) -> None:
+    if tokens.dim() != 3:
+        raise ValueError(f"tokens must be [batch, num_tokens, channels], got shape {tuple(tokens.shape)}")
+    if sizes.shape != tokens.shape[:2]:
+        raise ValueError(f"sizes must be [batch, num_tokens] = {tuple(tokens.shape[:2])}, got {tuple(sizes.shape)}")
+    n = tokens.shape[1]
+    if not 1 <= k <= n:
+        raise ValueError(f"cannot keep k={k} tokens out of {n}: k must be in [1, {n}]")
+
+
+def identity_result(tokens: torch.Tensor, sizes: torch.Tensor) -> PoolResult:
+    """k == N: nothing to pool; every token is its own cluster."""
+    b, n, _ = tokens.shape
+    assign = torch.arange(n, device=tokens.device).expand(b, n)
+    return PoolResult(tokens, sizes, assign)
+
+
+def weighted_mean(tokens: torch.Tensor, weights: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-image weighted cluster means: out[b, c] = sum_{i: assign=c} w_i x_i / sum_{i: assign=c} w_i."""
+    b, n, c = tokens.shape
+    w = weights.to(tokens.dtype).unsqueeze(-1)
+    num = tokens.new_zeros(b, k, c).scatter_add_(1, assign.unsqueeze(-1).expand(b, n, c), tokens * w)
+    den = tokens.new_zeros(b, k, 1).scatter_add_(1, assign.unsqueeze(-1), w)
+    return num / den.clamp_min(torch.finfo(tokens.dtype).tiny)
+
+
+def cluster_sizes(sizes: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tensor:
+    return sizes.new_zeros(sizes.shape[0], k).scatter_add_(1, assign, sizes)
