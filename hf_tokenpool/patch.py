@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import torch
 import transformers
@@ -126,7 +127,7 @@ def _solve_keep(model, adapter, base, config: TokenPoolConfig) -> float:
         best = ratio(hi) or 1.0
         raise ValueError(f"target_flops={config.target_flops} cannot be reached with this schedule (the "
                          f"cheapest reachable is about {best:.2f}); pool at more layers or raise target_flops")
-    return round(lo, 4)
+    return math.floor(lo * 1e4) / 1e4  # round down: rounding up could overshoot the budget
 
 
 def from_pretrained(name_or_path: str, pooling: TokenPoolConfig | dict | None = None, **hf_kwargs) -> nn.Module:

@@ -1,0 +1,56 @@
+import pytest
+import torch
+from transformers import (
+    DeiTConfig,
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    DeiTModel,
+    SwinConfig,
+    SwinForImageClassification,
+    SwinModel,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+)
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+VIT_SHAPE = dict(hidden_size=32, num_hidden_layers=6, num_attention_heads=2, intermediate_size=64,
+                 image_size=32, patch_size=4, num_labels=5)
+SWIN_SHAPE = dict(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
+                  num_labels=5)
+
+# name -> factory of a tiny random model (seeded), covering every supported class.
+TINY_MODELS = {
+    "vit": lambda: ViTForImageClassification(ViTConfig(**VIT_SHAPE)),
+    "vit-base": lambda: ViTModel(ViTConfig(**VIT_SHAPE)),
+    "deit": lambda: DeiTForImageClassification(DeiTConfig(**VIT_SHAPE)),
+    "deit-teacher": lambda: DeiTForImageClassificationWithTeacher(DeiTConfig(**VIT_SHAPE)),
+    "deit-base": lambda: DeiTModel(DeiTConfig(**VIT_SHAPE)),
+    "swin": lambda: SwinForImageClassification(SwinConfig(**SWIN_SHAPE)),
+    "swin-base": lambda: SwinModel(SwinConfig(**SWIN_SHAPE)),
+}
+PROTECTED = {"vit": 1, "deit": 2}
+
+
+def make(name: str):
+    torch.manual_seed(0)
+    model = TINY_MODELS[name]().eval()
+    # Random init leaves LayerNorm at identity and tokens nearly alike; perturb every parameter a bit so
+    # that pooling decisions are not degenerate ties.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def output_of(model, pixels, **kwargs):
+    with torch.no_grad():
+        out = model(pixel_values=pixels, **kwargs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+@pytest.fixture
+def pixels():
+    torch.manual_seed(1)
+    return torch.randn(4, 3, 32, 32)

@@ -1,0 +1,258 @@
+"""patch_model / unpatch_model / from_pretrained on tiny random models of every supported class."""
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import PROTECTED, SWIN_SHAPE, TINY_MODELS, VIT_SHAPE, make, output_of
+from transformers import AutoModelForImageClassification, BertConfig, BertModel, ViTConfig, ViTForMaskedImageModeling
+
+import hf_tokenpool as tp
+from hf_tokenpool.config import TokenPoolConfig, default_pool_after
+
+ALL = list(TINY_MODELS)
+VIT_LIKE = [n for n in ALL if not n.startswith("swin")]
+
+
+def methods_for(name):
+    return tp.ADAPTERS[make(name).config.model_type].methods
+
+
+CASES = [(n, m) for n in ALL for m in ("tokenpool", "kmeans", "tome", "topk") if m in methods_for(n)]
+
+
+@pytest.mark.parametrize("name,method", CASES, ids=[f"{n}-{m}" for n, m in CASES])
+def test_keep_one_reproduces_plain_logits(name, method, pixels):
+    model = make(name)
+    plain = output_of(model, pixels)
+    tp.patch_model(model, keep=1.0, method=method)
+    torch.testing.assert_close(output_of(model, pixels), plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name,method", CASES, ids=[f"{n}-{m}" for n, m in CASES])
+def test_unpatch_restores_exact_model(name, method, pixels):
+    model = make(name)
+    plain, keys = output_of(model, pixels), list(model.state_dict())
+    classes = [type(m) for m in model.modules()]
+    tp.patch_model(model, keep=0.5, method=method)
+    assert list(model.state_dict()) == keys  # no parameter or buffer added while patched
+    assert not torch.equal(output_of(model, pixels), plain)  # pooling really changed the computation
+    tp.unpatch_model(model)
+    assert [type(m) for m in model.modules()] == classes
+    assert list(model.state_dict()) == keys
+    assert not hasattr(model.config, "token_pooling")
+    torch.testing.assert_close(output_of(model, pixels), plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["vit", "deit-teacher", "swin"])
+def test_save_and_from_pretrained_round_trip(name, pixels, tmp_path):
+    model = tp.patch_model(make(name), keep=0.5, iterations=3)
+    expected = output_of(model, pixels)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = tp.from_pretrained(str(tmp_path))
+    assert type(loaded).__name__ == type(model).__name__
+    assert loaded.config.token_pooling == TokenPoolConfig(keep=0.5, iterations=3).to_dict()
+    torch.testing.assert_close(output_of(loaded.eval(), pixels), expected, rtol=0, atol=1e-6)
+    # a plain transformers load gives the unpatched model; patch_model() with no settings re-applies them
+    plain = type(model).from_pretrained(tmp_path).eval()
+    tp.patch_model(plain)
+    torch.testing.assert_close(output_of(plain, pixels), expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", VIT_LIKE)
+@pytest.mark.parametrize("method", ["tokenpool", "kmeans", "tome", "topk"])
+def test_token_counts_follow_schedule(name, method, pixels):
+    model = tp.patch_model(make(name), keep=0.6, method=method)
+    with torch.no_grad():
+        hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    p = PROTECTED[model.config.model_type]
+    keeps = TokenPoolConfig(keep=0.6).layer_keeps(VIT_SHAPE["num_hidden_layers"])
+    expected = [64] + TokenPoolConfig.num_tokens(64, keeps)
+    assert [h.shape[1] - p for h in hidden] == expected
+    assert default_pool_after(6) == [1, 2, 4] and expected == [64, 64, 38, 23, 23, 14, 14]
+
+
+def test_default_schedule_of_a_12_layer_encoder():
+    keeps = TokenPoolConfig(keep=0.6).layer_keeps(12)
+    assert [i for i, k in enumerate(keeps) if k < 1] == [2, 5, 8]  # after layers 3, 6 and 9
+    assert TokenPoolConfig.num_tokens(196, keeps)[-1] == 43
+    assert sorted(set(TokenPoolConfig.num_tokens(196, keeps))) == [43, 71, 118, 196]
+
+
+def test_explicit_per_layer_schedule(pixels):
+    model = tp.patch_model(make("vit"), schedule=[0.9] * 6)  # pool after every layer, as in the paper
+    with torch.no_grad():
+        hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    assert [h.shape[1] - 1 for h in hidden] == [64, 58, 52, 47, 42, 38, 34]
+
+
+@pytest.mark.parametrize("name", ["vit", "deit-teacher"])
+def test_protected_tokens_pass_through(name, pixels):
+    model = make(name)
+    p = PROTECTED[model.config.model_type]
+    with torch.no_grad():
+        plain = model(pixel_values=pixels, output_hidden_states=True).hidden_states
+        tp.patch_model(model, keep=0.5)
+        pooled = model(pixel_values=pixels, output_hidden_states=True).hidden_states
+    first = default_pool_after(6)[0] + 1  # output of the first pooling layer
+    assert pooled[first].shape[1] == p + 32
+    # equal up to float rounding: the pooling layer computes explicit softmax attention instead of SDPA
+    torch.testing.assert_close(pooled[first][:, :p], plain[first][:, :p], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,method", CASES, ids=[f"{n}-{m}" for n, m in CASES])
+def test_batch_independence_and_batch_size_one(name, method, pixels):
+    model = tp.patch_model(make(name), keep=0.6, method=method)
+    batch = output_of(model, pixels)
+    for i in range(pixels.shape[0]):
+        torch.testing.assert_close(output_of(model, pixels[i : i + 1]), batch[i : i + 1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["vit", "deit-teacher", "swin"])
+def test_other_resolution(name):
+    model = tp.patch_model(make(name), keep=0.6)
+    torch.manual_seed(2)
+    pixels = torch.randn(2, 3, 48, 48)
+    kwargs = {} if name == "swin" else {"interpolate_pos_encoding": True}
+    with torch.no_grad():
+        out = model(pixel_values=pixels, output_hidden_states=True, **kwargs)
+    assert torch.isfinite(out.logits).all()
+    if name != "swin":
+        p = PROTECTED[model.config.model_type]
+        assert out.hidden_states[-1].shape[1] - p == TokenPoolConfig.num_tokens(144, model_keeps(model))[-1]
+
+
+def model_keeps(model):
+    return TokenPoolConfig.from_dict(model.config.token_pooling).layer_keeps(model.config.num_hidden_layers)
+
+
+@pytest.mark.parametrize("name", ["vit", "deit-teacher", "swin"])
+def test_bf16(name, pixels):
+    model = tp.patch_model(make(name), keep=0.6)
+    reference = output_of(model, pixels)
+    model.to(torch.bfloat16)
+    logits = output_of(model, pixels.to(torch.bfloat16))
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), reference, rtol=0, atol=0.1)
+
+
+@pytest.mark.parametrize("name,method", CASES, ids=[f"{n}-{m}" for n, m in CASES])
+def test_training_gradients_reach_the_same_parameters(name, method, pixels):
+    def grads(model):
+        model.train()
+        out = model(pixel_values=pixels)
+        (out.logits if hasattr(out, "logits") else out.last_hidden_state).square().mean().backward()
+        return {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+    plain = grads(make(name))
+    assert grads(tp.patch_model(make(name), keep=0.6, method=method)) == plain
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(pixels):
+    def grad_of(checkpointing):
+        model = tp.patch_model(make("vit"), keep=0.5)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        model(pixel_values=pixels).logits.square().mean().backward()
+        return model.vit.layers[0].mlp.fc1.weight.grad
+
+    torch.testing.assert_close(grad_of(True), grad_of(False))
+
+
+@pytest.mark.parametrize("name", ["vit", "deit-teacher", "swin"])
+def test_flops_fall_with_keep(name):
+    # a wider model than the other tests: at width 32 the clustering's own matmuls rival a layer's
+    torch.manual_seed(0)
+    pixels = torch.randn(1, 3, 32, 32)
+    cls = type(make(name))
+    shape = dict(embed_dim=64) if name == "swin" else dict(hidden_size=128, intermediate_size=512)
+    model = cls(type(make(name).config)(**{**(SWIN_SHAPE if name == "swin" else VIT_SHAPE), **shape})).eval()
+    plain = tp.count_flops(model, pixels)
+    ratios = []
+    for keep in (0.9, 0.7, 0.5):
+        tp.patch_model(model, keep=keep)
+        ratios.append(tp.count_flops(model, pixels) / plain)
+        tp.unpatch_model(model)
+    assert ratios == sorted(ratios, reverse=True)
+    assert ratios[-1] < 0.8
+
+
+def test_target_flops_is_solved_into_keep():
+    pixels = torch.zeros(1, 3, 32, 32)
+    model = make("vit")
+    plain = tp.count_flops(model, pixels)
+    tp.patch_model(model, target_flops=0.7)
+    solved = model.config.token_pooling
+    ratio = tp.count_flops(model, pixels) / plain
+    assert solved["target_flops"] == 0.7 and 0 < solved["keep"] < 1
+    assert 0.6 < ratio <= 0.7
+    with pytest.raises(ValueError, match="cannot be reached"):
+        tp.patch_model(make("vit"), target_flops=0.05)
+
+
+# ---- bad input: each a clear error ----------------------------------------------------------------
+
+@pytest.mark.parametrize("keep", [0, -0.5, 1.5, "0.5", True])
+def test_keep_out_of_range(keep):
+    with pytest.raises(ValueError, match=r"keep must be a number in \(0, 1\]"):
+        tp.patch_model(make("vit"), keep=keep)
+
+
+def test_unknown_method_and_option():
+    with pytest.raises(ValueError, match="unknown method 'dbscan'; accepted methods: tokenpool, kmeans, tome, topk"):
+        tp.patch_model(make("vit"), method="dbscan")
+    with pytest.raises(TypeError, match="unknown token pooling option"):
+        tp.patch_model(make("vit"), kep=0.5)
+
+
+def test_topk_needs_a_class_token():
+    with pytest.raises(ValueError, match="Swin has no class token"):
+        tp.patch_model(make("swin"), method="topk")
+
+
+def test_unsupported_models():
+    bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
+    with pytest.raises(ValueError, match="not supported.*Supported model types: deit, swin, vit"):
+        tp.patch_model(bert)
+    mim = ViTForMaskedImageModeling(ViTConfig(**{**VIT_SHAPE, "encoder_stride": 4}))
+    with pytest.raises(ValueError, match="masked image modelling reconstructs every patch"):
+        tp.patch_model(mim)
+
+
+def test_patching_twice_is_refused_until_unpatched(pixels):
+    model = tp.patch_model(make("vit"), keep=0.6)
+    with pytest.raises(ValueError, match="already patched.*unpatch_model"):
+        tp.patch_model(model, keep=0.5)
+    tp.unpatch_model(model)
+    tp.patch_model(model, keep=0.5)
+    assert model.config.token_pooling["keep"] == 0.5
+    with pytest.raises(ValueError, match="not patched"):
+        tp.unpatch_model(make("vit"))
+
+
+def test_images_too_small_for_the_schedule():
+    model = tp.patch_model(make("vit"), keep=0.1)
+    with pytest.raises(ValueError, match="too small for keep=0.1"):
+        output_of(model, torch.randn(1, 3, 8, 8), interpolate_pos_encoding=True)
+
+
+def test_from_pretrained_refuses_remote_code_and_missing_settings(tmp_path):
+    make("vit").save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="never runs remote code"):
+        tp.from_pretrained(str(tmp_path), trust_remote_code=True)
+    with pytest.raises(ValueError, match="carries no token pooling settings"):
+        tp.from_pretrained(str(tmp_path))
+    model = tp.from_pretrained(str(tmp_path), pooling={"keep": 0.7, "method": "tome"})
+    assert model.config.token_pooling["method"] == "tome"
+    assert isinstance(AutoModelForImageClassification.from_pretrained(tmp_path), type(make("vit")))
+
+
+def test_config_round_trips_and_rejects_unknown_keys():
+    config = TokenPoolConfig(keep=0.7, method="kmeans", schedule=None, iterations=2)
+    assert TokenPoolConfig.from_dict(config.to_dict()) == config
+    assert list(config.to_dict()) == sorted(config.to_dict())
+    assert all(f.metadata.get("help") for f in dataclasses.fields(TokenPoolConfig))
+    with pytest.raises(ValueError, match="unknown token pooling settings"):
+        TokenPoolConfig.from_dict({"keep": 0.5, "ratio": 2})
