@@ -1,0 +1,64 @@
+"""Token Pooling with weighted K-Means (WK-Means).
+
+Same weights (significance) and the same initialisation (the k most significant tokens) as
+WK-Medoids, but centres are free points: each round assigns tokens to the nearest centre and moves
+every centre to the weighted mean of its members. Distances to k centres are recomputed every round
+(a [B, N, C] x [B, C, k] matmul), which is what makes it dearer than K-Medoids per iteration.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import PoolResult, Signals, check_reduce_args, cluster_sizes, identity_result, weighted_mean
+from .tokenpool import heaviest, significance_weights
+
+
+def _sq_dist(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """[B, N, k] squared Euclidean distances, float32."""
+    return ((x * x).sum(-1, keepdim=True) + (centres * centres).sum(-1).unsqueeze(1) - 2 * x @ centres.transpose(1, 2)).clamp_min_(0)
+
+
+def kmeans(tokens: torch.Tensor, sizes: torch.Tensor, k: int, signals: Signals, *, iterations: int = 5) -> PoolResult:
+    """Reduce [B, N, C] tokens to the k centres of significance-weighted K-Means.
+
+    Every cluster keeps an *anchor*: one member forced into it at the next assignment (at first its
+    initial token, then the member of its previous cluster nearest to the updated centre). Anchors
+    come from disjoint clusters, so they never collide, and no cluster can ever come out empty: an
+    empty cluster would be an output token that stands for no patch at all (size 0). In the ordinary
+    case the anchor is nearest to its own centre anyway, so the forcing changes nothing.
+
+    The output tokens are the significance-weighted means of the final clusters (differentiable with
+    respect to the tokens); iterations stop early once the assignment stops changing.
+    """
+    check_reduce_args(tokens, sizes, k)
+    if iterations < 0:
+        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    w = significance_weights(signals, tokens, "kmeans")
+    b, n, _ = tokens.shape
+    if k == n:
+        return identity_result(tokens, sizes)
+
+    with torch.no_grad():
+        x = tokens.detach().float()
+        arange_k = torch.arange(k, device=tokens.device).expand(b, k)
+        anchors = heaviest(w, k)  # [B, k]
+        centres = x.gather(1, anchors.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        assign = None
+        for step in range(iterations + 1):  # the last pass is the final assignment
+            dist = _sq_dist(x, centres)
+            if assign is not None:
+                own = F.one_hot(assign, k).bool()  # previous membership [B, N, k]
+                anchors = dist.masked_fill(~own, float("inf")).argmin(1)
+            new = dist.argmin(-1).scatter(1, anchors, arange_k)
+            if assign is not None and torch.equal(new, assign):
+                break  # converged: the centres would not move again
+            assign = new
+            if step == iterations:
+                break
+            centres = weighted_mean(x, w, assign, k)
+
+    out = weighted_mean(tokens.float(), w, assign, k).to(tokens.dtype)
+    new_sizes = cluster_sizes(sizes.float(), assign, k).to(sizes.dtype)
+    return PoolResult(out, new_sizes, assign)

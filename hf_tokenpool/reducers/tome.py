@@ -1,0 +1,78 @@
+"""ToMe bipartite soft matching (Bolya et al., ICLR 2023) as a reducer.
+
+Tokens at even positions form set A, odd positions set B. Each A token finds its most similar B
+token (cosine similarity of the attention keys); the r best-matched A tokens are merged into their B
+match by size-weighted average, the other A tokens are kept. One round can remove at most |A| =
+ceil(N/2) tokens, so a larger reduction runs further rounds on the result (a loop over rounds, a
+handful at most, never over images).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import PoolResult, Signals, check_reduce_args, cluster_sizes, identity_result, weighted_mean
+
+
+def _match_round(keys: torch.Tensor, r: int) -> torch.Tensor:
+    """One round of bipartite matching on [B, n, D] keys, removing r <= ceil(n/2) tokens.
+
+    Returns assign [B, n] into n - r rows laid out as [kept A tokens in their original order, then
+    every B token in its original order] (ToMe's layout, except that ToMe leaves the kept A tokens in
+    score order; original order keeps neighbouring patches together and makes the result readable).
+    """
+    b, n, _ = keys.shape
+    metric = keys / keys.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    a, bb = metric[:, ::2], metric[:, 1::2]
+    n_a, n_b = a.shape[1], bb.shape[1]
+    best, match = (a @ bb.transpose(1, 2)).max(-1)  # [B, n_a]: each A token's best B partner
+    order = best.sort(dim=-1, descending=True, stable=True).indices  # stable: ties go to the lower index
+    merged = order[:, :r]
+    kept = order[:, r:].sort(-1).values
+    n_kept = n_a - r
+
+    a_assign = torch.empty(b, n_a, dtype=torch.long, device=keys.device)
+    a_assign.scatter_(1, kept, torch.arange(n_kept, device=keys.device).expand(b, n_kept))
+    a_assign.scatter_(1, merged, n_kept + match.gather(1, merged))
+    assign = torch.empty(b, n, dtype=torch.long, device=keys.device)
+    assign[:, ::2] = a_assign
+    assign[:, 1::2] = n_kept + torch.arange(n_b, device=keys.device)
+    return assign
+
+
+def tome(tokens: torch.Tensor, sizes: torch.Tensor, k: int, signals: Signals) -> PoolResult:
+    """Merge [B, N, C] tokens down to k by (repeated) bipartite soft matching on signals.keys.
+
+    Output rows: for a single round, the kept A tokens (even input positions, original order) then
+    the B tokens (odd positions, original order), each B row being the size-weighted mean of itself
+    and the A tokens merged into it. Several rounds compose their assignments; the output tokens are
+    always the size-weighted means of the original tokens of each final group (a size-weighted mean
+    of size-weighted means is exactly that), computed once in float32 and cast back.
+    """
+    check_reduce_args(tokens, sizes, k)
+    if signals.keys is None:
+        raise ValueError("tome needs signals.keys (attention keys averaged over heads); got None")
+    if signals.keys.dim() != 3 or signals.keys.shape[:2] != tokens.shape[:2]:
+        raise ValueError(f"keys must be [batch, num_tokens, dim] with batch, num_tokens = {tuple(tokens.shape[:2])}, got {tuple(signals.keys.shape)}")
+    b, n, _ = tokens.shape
+    if k == n:
+        return identity_result(tokens, sizes)
+
+    size_w = sizes.float()
+    with torch.no_grad():  # matching is discrete; gradients flow through the final means
+        keys = signals.keys.detach().float()
+        cur_sizes = size_w.detach()
+        assign = torch.arange(n, device=tokens.device).expand(b, n)
+        cur = n
+        while cur > k:
+            r = min(cur - k, (cur + 1) // 2)
+            step = _match_round(keys, r)
+            cur -= r
+            # the next round's metric: keys merged the same size-weighted way as the tokens
+            keys = weighted_mean(keys, cur_sizes, step, cur)
+            cur_sizes = cluster_sizes(cur_sizes, step, cur)
+            assign = step.gather(1, assign)
+
+    out = weighted_mean(tokens.float(), size_w, assign, k).to(tokens.dtype)
+    new_sizes = cluster_sizes(sizes.float(), assign, k).to(sizes.dtype)
+    return PoolResult(out, new_sizes, assign)
