@@ -7,7 +7,15 @@
 
 from .config import TokenPoolConfig
 from .flops import count_flops, images_per_second
-from .patch import ADAPTERS, SUPPORTED_CLASSES, from_pretrained, is_patched, patch_model, unpatch_model
+from .patch import (
+    ADAPTERS,
+    SUPPORTED_CLASSES,
+    from_pretrained,
+    is_patched,
+    load_model,
+    patch_model,
+    unpatch_model,
+)
 from .reducers import REDUCERS
 
 __version__ = "0.1.0"
@@ -21,6 +29,7 @@ __all__ = [
     "from_pretrained",
     "images_per_second",
     "is_patched",
+    "load_model",
     "patch_model",
     "unpatch_model",
 ]

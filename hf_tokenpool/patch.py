@@ -130,13 +130,10 @@ def _solve_keep(model, adapter, base, config: TokenPoolConfig) -> float:
     return math.floor(lo * 1e4) / 1e4  # round down: rounding up could overshoot the budget
 
 
-def from_pretrained(name_or_path: str, pooling: TokenPoolConfig | dict | None = None, **hf_kwargs) -> nn.Module:
-    """Load a ViT/DeiT/Swin checkpoint (Hub id or local folder) and apply token pooling.
-
-    The settings are `pooling` when given, else the ones saved in its config.json by a patched model.
-    hf_kwargs go to `transformers`' `from_pretrained` (revision, dtype, token, ...). Safetensors only;
-    remote code is never run.
-    """
+def load_model(name_or_path: str, **hf_kwargs) -> nn.Module:
+    """Load a checkpoint with the class its config.json names when that class is supported (so a
+    DeiT-with-teacher checkpoint keeps both heads), else `AutoModelForImageClassification`.
+    Safetensors only; remote code is never run. No pooling is applied."""
     if hf_kwargs.pop("trust_remote_code", False):
         raise ValueError("hf_tokenpool never runs remote code: trust_remote_code=True is refused")
     hub_keys = ("revision", "cache_dir", "token", "local_files_only", "subfolder", "force_download")
@@ -147,7 +144,19 @@ def from_pretrained(name_or_path: str, pooling: TokenPoolConfig | dict | None = 
         cls = getattr(transformers, architecture)
     else:
         cls = transformers.AutoModelForImageClassification
-    model = cls.from_pretrained(name_or_path, config=model_config, use_safetensors=True, **hf_kwargs)
+    if not any(k in hf_kwargs for k in ("num_labels", "id2label")):
+        hf_kwargs["config"] = model_config
+    return cls.from_pretrained(name_or_path, use_safetensors=True, **hf_kwargs)
+
+
+def from_pretrained(name_or_path: str, pooling: TokenPoolConfig | dict | None = None, **hf_kwargs) -> nn.Module:
+    """Load a ViT/DeiT/Swin checkpoint (Hub id or local folder) and apply token pooling.
+
+    The settings are `pooling` when given, else the ones saved in its config.json by a patched model.
+    hf_kwargs go to `transformers`' `from_pretrained` (revision, dtype, token, ...). Safetensors only;
+    remote code is never run.
+    """
+    model = load_model(name_or_path, **hf_kwargs)
     if pooling is None and not getattr(model.config, CONFIG_KEY, None):
         raise ValueError(f"{name_or_path} carries no token pooling settings in its config.json; pass "
                          "pooling=TokenPoolConfig(...) or load it with transformers and call patch_model(model, ...)")

@@ -1,0 +1,247 @@
+#!/usr/bin/env python
+"""Accuracy, FLOPs and speed of every reducer and keep ratio, side by side with the plain model.
+
+    python recipes/benchmark.py --suite shapes        # random-init DeiT-S/16, ViT-B/16, Swin-T at 224 (cost)
+    python recipes/benchmark.py --suite checkpoints   # the embedded Fashion-MNIST checkpoints (accuracy + cost)
+    python recipes/benchmark.py --model_name_or_path google/vit-base-patch16-224 --keeps 0.6
+
+Per row: GFLOPs per image (torch.utils.flop_counter), images/s (warm-up, then the median of repeated
+batches, timed interleaved with the plain model so both see the same machine load; fixed thread
+count; CUDA-synchronised on a GPU), the share of forward time spent in the reducers, peak GPU memory
+(GPU only), and top-1 on the test split for checkpoints. Results go to --output_dir as JSON and a
+Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import (
+    AutoImageProcessor,
+    DeiTConfig,
+    DeiTForImageClassificationWithTeacher,
+    SwinConfig,
+    SwinForImageClassification,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import hf_tokenpool as tp  # noqa: E402
+from hf_tokenpool.reducers import REDUCERS  # noqa: E402
+
+CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
+# Standard shapes at 224, random init: what the cost numbers are about.
+SHAPES = {
+    "deit-s16-224": lambda: DeiTForImageClassificationWithTeacher(
+        DeiTConfig(hidden_size=384, num_attention_heads=6, intermediate_size=1536, num_labels=1000)),
+    "vit-b16-224": lambda: ViTForImageClassification(ViTConfig(num_labels=1000)),
+    "swin-t-224": lambda: SwinForImageClassification(SwinConfig(num_labels=1000)),
+}
+METHODS = ("none", "tokenpool", "kmeans", "tome", "topk")
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=["shapes", "checkpoints", "none"], default="shapes")
+    parser.add_argument("--model_name_or_path", action="append", default=[],
+                        help="extra model(s): Hub id or local folder (repeatable)")
+    parser.add_argument("--methods", nargs="+", default=["tokenpool"], choices=METHODS[1:])
+    parser.add_argument("--keeps", nargs="+", type=float, default=[0.6])
+    parser.add_argument("--target_flops", nargs="*", type=float, default=[],
+                        help="also rows solved to these FLOPs budgets (fractions of the plain model)")
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--eval_samples", type=int, default=10000, help="test images for top-1 (checkpoints)")
+    parser.add_argument("--dataset_name", default="fashion_mnist")
+    parser.add_argument("--output_dir", default=None, help="write results.json and results.md here")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    if any(not 0 < k <= 1 for k in args.keeps):
+        parser.error(f"--keeps must be in (0, 1], got {args.keeps}")
+    if any(not 0 < t <= 1 for t in args.target_flops):
+        parser.error(f"--target_flops must be in (0, 1], got {args.target_flops}")
+    if args.suite == "none" and not args.model_name_or_path:
+        parser.error("--suite none needs at least one --model_name_or_path")
+    return args
+
+
+class ReducerClock:
+    """Wall time spent inside the reducer functions during a forward (wraps REDUCERS' functions)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self._saved = {}
+
+    def __enter__(self):
+        for name, reducer in REDUCERS.items():
+            self._saved[name] = reducer.fn
+
+            def timed(*args, _fn=reducer.fn, **kwargs):
+                start = time.perf_counter()
+                out = _fn(*args, **kwargs)
+                self.seconds += time.perf_counter() - start
+                return out
+
+            object.__setattr__(reducer, "fn", timed)
+        return self
+
+    def __exit__(self, *exc):
+        for name, fn in self._saved.items():
+            object.__setattr__(REDUCERS[name], "fn", fn)
+
+
+@torch.no_grad()
+def timed_pair(plain_fn, pooled_fn, repeats: int, sync):
+    """Interleave plain and pooled forwards so both see the same machine load; medians of each."""
+    plain, pooled = [], []
+    for _ in range(2):  # warm-up
+        plain_fn(), pooled_fn()
+    for _ in range(repeats):
+        for fn, out in ((plain_fn, plain), (pooled_fn, pooled)):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            out.append(time.perf_counter() - start)
+    return statistics.median(plain), statistics.median(pooled)
+
+
+@torch.no_grad()
+def top1(model, pixels, labels, batch_size=256) -> float:
+    correct = 0
+    for i in range(0, len(labels), batch_size):
+        logits = model(pixel_values=pixels[i : i + batch_size]).logits
+        correct += (logits.argmax(-1).cpu() == labels[i : i + batch_size]).sum().item()
+    return 100.0 * correct / len(labels)
+
+
+def load_eval_data(folder, args):
+    from hf_tokenpool.data import load_image_dataset, to_pixel_values
+
+    processor = AutoImageProcessor.from_pretrained(folder)
+    split = load_image_dataset(args.dataset_name)["test"]
+    split = split.select(range(min(args.eval_samples, len(split))))
+    pixels, labels = to_pixel_values(split, processor)
+    return pixels.to(args.device), labels
+
+
+def rows_for_model(name, model, args, eval_data=None):
+    device = torch.device(args.device)
+    model = model.to(device).eval()
+    size = model.config.image_size
+    torch.manual_seed(0)
+    batch = torch.randn(args.batch_size, model.config.num_channels, size, size, device=device)
+    one = batch[:1]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    plain_flops = tp.count_flops(model, one)
+    plain_acc = top1(model, *eval_data) if eval_data else None
+    settings = [("none", 1.0, None)]
+    settings += [(m, k, None) for m in args.methods for k in args.keeps]
+    settings += [(m, None, t) for m in args.methods for t in args.target_flops]
+    adapter = tp.ADAPTERS[model.config.model_type]
+    rows = []
+    for method, keep, target in tqdm(settings, desc=name, leave=False):
+        if method != "none" and method not in adapter.methods:
+            continue
+        if method == "none":
+            flops, acc, speedup, reducer_share, plain_ips = plain_flops, plain_acc, 1.0, 0.0, None
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t_plain, _ = timed_pair(lambda: model(pixel_values=batch), lambda: None, args.repeats, sync)
+            ips = plain_ips = args.batch_size / t_plain
+            solved_keep = 1.0
+        else:
+            options = {"target_flops": target} if target is not None else {"keep": keep}
+            tp.patch_model(model, method=method, **options)
+            solved_keep = model.config.token_pooling["keep"]
+            flops = tp.count_flops(model, one)
+            acc = top1(model, *eval_data) if eval_data else None
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            pooled_fn = lambda: model(pixel_values=batch)  # noqa: E731
+            tp.unpatch_model(model)
+            plain_fn = lambda: model(pixel_values=batch)  # noqa: E731
+            # plain and pooled timed on the same model object: patch/unpatch around each call is free
+            # (a class swap), so the interleaving is fair.
+            def run_pooled():
+                tp.patch_model(model, method=method, keep=solved_keep)
+                try:
+                    pooled_fn()
+                finally:
+                    tp.unpatch_model(model)
+
+            t_plain, t_pooled = timed_pair(plain_fn, run_pooled, args.repeats, sync)
+            tp.patch_model(model, method=method, keep=solved_keep)
+            with ReducerClock() as clock:
+                for _ in range(3):
+                    pooled_fn()
+                    sync()
+            reducer_share = clock.seconds / (3 * t_pooled)
+            tp.unpatch_model(model)
+            ips, plain_ips = args.batch_size / t_pooled, args.batch_size / t_plain
+            speedup = t_plain / t_pooled
+        ratio = flops / plain_flops
+        rows.append({
+            "model": name, "method": method, "keep": round(solved_keep, 4), "target_flops": target,
+            "gflops": flops / 1e9, "flops_ratio": ratio, "images_per_s": ips, "plain_images_per_s": plain_ips,
+            "speedup": speedup, "ideal_speedup": 1 / ratio, "speedup_of_ideal": speedup * ratio,
+            "reducer_share": reducer_share, "top1": acc, "plain_top1": plain_acc,
+            "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
+        })
+    return rows
+
+
+def markdown(rows) -> str:
+    head = ("| model | method | keep | GFLOPs | FLOPs ratio | img/s | speed-up | of ideal | reducer share | top-1 |\n"
+            "|---|---|---|---|---|---|---|---|---|---|\n")
+    fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
+    return head + "".join(
+        f"| {r['model']} | {r['method']} | {r['keep']:.2f} | {r['gflops']:.3f} | {r['flops_ratio']:.3f} | "
+        f"{r['images_per_s']:.1f} | {r['speedup']:.2f}x | {r['speedup_of_ideal'] * 100:.0f}% | "
+        f"{r['reducer_share'] * 100:.1f}% | {fmt(r['top1'], '.2f')} |\n" for r in rows)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    models = []
+    if args.suite == "shapes":
+        models += [(name, factory, None) for name, factory in SHAPES.items()]
+    if args.suite == "checkpoints":
+        models += [(p.name, None, p) for p in sorted(CHECKPOINTS.iterdir()) if (p / "config.json").exists()]
+    models += [(Path(p).name, None, p) for p in args.model_name_or_path]
+    rows = []
+    for name, factory, path in tqdm(models, desc="models"):
+        torch.manual_seed(0)
+        if factory is not None:
+            model, eval_data = factory(), None
+        else:
+            model = tp.load_model(str(path))
+            eval_data = load_eval_data(path, args)
+        rows += rows_for_model(name, model, args, eval_data)
+        print(markdown([r for r in rows if r["model"] == name]), flush=True)
+    table = markdown(rows)
+    meta = {"device": args.device if args.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
+            "batch_size": args.batch_size, "repeats": args.repeats, "torch": torch.__version__,
+            "command": " ".join(["python", "recipes/benchmark.py", *(argv if argv is not None else sys.argv[1:])])}
+    if args.output_dir:
+        out = Path(args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        (out / "results.md").write_text(f"Command: `{meta['command']}`; device: {meta['device']}, batch "
+                                        f"{args.batch_size}, fp32, torch {torch.__version__}\n\n{table}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
