@@ -63,7 +63,12 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--eval_samples", type=int, default=10000, help="test images for top-1 (checkpoints)")
     parser.add_argument("--dataset_name", default="fashion_mnist")
-    parser.add_argument("--output_dir", default=None, help="write results.json and results.md here")
+    parser.add_argument("--output_dir", default=None, help="write results.json, results.md and plots here")
+    parser.add_argument("--finetune", action="store_true",
+                        help="checkpoints: also top-1 after the recipe's short fine-tune of each pooled row")
+    parser.add_argument("--finetune_steps", type=int, default=300)
+    parser.add_argument("--finetune_keeps", nargs="+", type=float, default=None,
+                        help="keeps to fine-tune (default: all --keeps)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     if any(not 0 < k <= 1 for k in args.keeps):
@@ -196,19 +201,86 @@ def rows_for_model(name, model, args, eval_data=None):
             "gflops": flops / 1e9, "flops_ratio": ratio, "images_per_s": ips, "plain_images_per_s": plain_ips,
             "speedup": speedup, "ideal_speedup": 1 / ratio, "speedup_of_ideal": speedup * ratio,
             "reducer_share": reducer_share, "top1": acc, "plain_top1": plain_acc,
+            "finetuned_top1": finetuned_top1(args, name, method, solved_keep) if eval_data and method != "none"
+            else None,
             "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         })
     return rows
 
 
+def finetuned_top1(args, name, method, keep):
+    """Top-1 after recipes/finetune.py's short fine-tune of this pooled row (same test images)."""
+    if not args.finetune or (args.finetune_keeps and keep not in args.finetune_keeps) or name not in CHECKPOINT_PATHS:
+        return None
+    import importlib.util
+    import tempfile
+
+    spec = importlib.util.spec_from_file_location("finetune", Path(__file__).with_name("finetune.py"))
+    finetune = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(finetune)
+    with tempfile.TemporaryDirectory() as out:
+        results = finetune.main([
+            "--model_name_or_path", str(CHECKPOINT_PATHS[name]), "--dataset_name", args.dataset_name,
+            "--method", method, "--keep", str(keep), "--max_train_steps", str(args.finetune_steps),
+            "--max_eval_samples", str(args.eval_samples), "--output_dir", f"{out}/run", "--seed", "0"])
+    return results["pooled_finetuned"]["accuracy"]
+
+
+CHECKPOINT_PATHS: dict[str, Path] = {}
+
+
+def plots(rows, out: Path):
+    """top-1 vs GFLOPs per method (off the shelf solid, fine-tuned dashed); speed-up vs FLOPs ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    accuracy_models = sorted({r["model"] for r in rows if r["top1"] is not None})
+    if accuracy_models:
+        fig, axes = plt.subplots(1, len(accuracy_models), figsize=(4.2 * len(accuracy_models), 3.6), squeeze=False)
+        for ax, model in zip(axes[0], accuracy_models):
+            mine = [r for r in rows if r["model"] == model]
+            plain = next(r for r in mine if r["method"] == "none")
+            ax.axhline(plain["top1"], color="gray", lw=0.8, ls=":", label="plain")
+            for i, method in enumerate(m for m in METHODS[1:] if any(r["method"] == m for r in mine)):
+                pts = sorted((r["gflops"], r["top1"], r["finetuned_top1"]) for r in mine
+                             if r["method"] == method and r["target_flops"] is None)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i}", label=f"{method}")
+                tuned = [(p[0], p[2]) for p in pts if p[2] is not None]
+                if tuned:
+                    ax.plot(*zip(*tuned), "s--", color=f"C{i}", label=f"{method}, fine-tuned")
+            ax.plot([plain["gflops"]], [plain["top1"]], "k*", ms=10)
+            ax.set(title=model, xlabel="GFLOPs / image", ylabel="top-1 (%)")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / "accuracy_vs_flops.png", dpi=110)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(4.8, 3.8))
+    pooled = [r for r in rows if r["method"] != "none"]
+    for i, model in enumerate(sorted({r["model"] for r in pooled})):
+        pts = [(r["flops_ratio"], r["speedup"]) for r in pooled if r["model"] == model]
+        ax.scatter(*zip(*pts), color=f"C{i}", label=model, s=18)
+    xs = [x / 100 for x in range(20, 101)]
+    ax.plot(xs, [1 / x for x in xs], "k--", lw=1, label="ideal (1 / FLOPs ratio)")
+    ax.set(xlabel="FLOPs ratio (pooled / plain)", ylabel="measured speed-up", title="speed-up vs FLOPs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "speedup_vs_flops.png", dpi=110)
+    plt.close(fig)
+
+
 def markdown(rows) -> str:
-    head = ("| model | method | keep | GFLOPs | FLOPs ratio | img/s | speed-up | of ideal | reducer share | top-1 |\n"
-            "|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| model | method | keep | GFLOPs | FLOPs ratio | img/s | speed-up | of ideal | reducer share | top-1 "
+            "| top-1 fine-tuned |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     return head + "".join(
         f"| {r['model']} | {r['method']} | {r['keep']:.2f} | {r['gflops']:.3f} | {r['flops_ratio']:.3f} | "
         f"{r['images_per_s']:.1f} | {r['speedup']:.2f}x | {r['speedup_of_ideal'] * 100:.0f}% | "
-        f"{r['reducer_share'] * 100:.1f}% | {fmt(r['top1'], '.2f')} |\n" for r in rows)
+        f"{r['reducer_share'] * 100:.1f}% | {fmt(r['top1'], '.2f')} | {fmt(r['finetuned_top1'], '.2f')} |\n"
+        for r in rows)
 
 
 def main(argv=None):
@@ -219,7 +291,9 @@ def main(argv=None):
         models += [(name, factory, None) for name, factory in SHAPES.items()]
     if args.suite == "checkpoints":
         models += [(p.name, None, p) for p in sorted(CHECKPOINTS.iterdir()) if (p / "config.json").exists()]
+    CHECKPOINT_PATHS.update({name: Path(path) for name, _, path in models if path is not None})
     models += [(Path(p).name, None, p) for p in args.model_name_or_path]
+    CHECKPOINT_PATHS.update({Path(p).name: Path(p) for p in args.model_name_or_path if Path(p).exists()})
     rows = []
     for name, factory, path in tqdm(models, desc="models"):
         torch.manual_seed(0)
@@ -238,6 +312,7 @@ def main(argv=None):
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+        plots(rows, out)
         (out / "results.md").write_text(f"Command: `{meta['command']}`; device: {meta['device']}, batch "
                                         f"{args.batch_size}, fp32, torch {torch.__version__}\n\n{table}")
     return rows
