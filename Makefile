@@ -6,6 +6,9 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 FASHION_MNIST := /usr/share/datasets/fashion-mnist
+# Where this workplace keeps the CPU wheel of torch (pip also finds it via PIP_FIND_LINKS); elsewhere
+# pip takes torch from its index as usual.
+LOCAL_WHEELS := $(wildcard /opt/wheels)
 
 .PHONY: install run test benchmark
 install: $(VENV)/.installed
@@ -15,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	  || echo "could not install dataset-fashion-mnist (needs root): recipes will use the Hub copy when online"
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q $(if $(LOCAL_WHEELS),--find-links $(LOCAL_WHEELS)) "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]"
 	touch $@
 
