@@ -173,8 +173,6 @@ def augment(pixels, generator, padding, hflip):
         padded = F.pad(pixels, (padding,) * 4)  # 0 = black, the Fashion-MNIST background
         dy = torch.randint(0, 2 * padding + 1, (batch, 1, 1, 1), generator=generator)
         dx = torch.randint(0, 2 * padding + 1, (batch, 1, 1, 1), generator=generator)
-        rows = (dy + torch.arange(height).view(1, 1, -1, 1)).expand(-1, pixels.shape[1], -1, width)
-        cols = (dx + torch.arange(width).view(1, 1, 1, -1)).expand(-1, pixels.shape[1], height, -1)
         pixels = _crop(padded, dy, dx, height, width)
     if hflip:
         flip = torch.rand(batch, generator=generator) < 0.5
