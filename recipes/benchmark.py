@@ -58,6 +58,9 @@ def parse_args(argv=None):
     parser.add_argument("--keeps", nargs="+", type=float, default=[0.6])
     parser.add_argument("--target_flops", nargs="*", type=float, default=[],
                         help="also rows solved to these FLOPs budgets (fractions of the plain model)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra TokenPoolConfig setting for every pooled row, e.g. output=medoid or "
+                             "proportional_attention=false (repeatable)")
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -75,6 +78,16 @@ def parse_args(argv=None):
         parser.error(f"--keeps must be in (0, 1], got {args.keeps}")
     if any(not 0 < t <= 1 for t in args.target_flops):
         parser.error(f"--target_flops must be in (0, 1], got {args.target_flops}")
+    args.options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--option takes KEY=VALUE, got {item!r}")
+        args.options[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+    try:
+        tp.TokenPoolConfig(**args.options)
+    except (TypeError, ValueError) as err:
+        parser.error(f"--option: {err}")
     if args.suite == "none" and not args.model_name_or_path:
         parser.error("--suite none needs at least one --model_name_or_path")
     return args
@@ -167,7 +180,7 @@ def rows_for_model(name, model, args, eval_data=None):
             solved_keep = 1.0
         else:
             options = {"target_flops": target} if target is not None else {"keep": keep}
-            tp.patch_model(model, method=method, **options)
+            tp.patch_model(model, method=method, **options, **args.options)
             solved_keep = model.config.token_pooling["keep"]
             flops = tp.count_flops(model, one)
             acc = top1(model, *eval_data) if eval_data else None
@@ -179,14 +192,14 @@ def rows_for_model(name, model, args, eval_data=None):
             # plain and pooled timed on the same model object: patch/unpatch around each call is free
             # (a class swap), so the interleaving is fair.
             def run_pooled():
-                tp.patch_model(model, method=method, keep=solved_keep)
+                tp.patch_model(model, method=method, keep=solved_keep, **args.options)
                 try:
                     pooled_fn()
                 finally:
                     tp.unpatch_model(model)
 
             t_plain, t_pooled = timed_pair(plain_fn, run_pooled, args.repeats, sync)
-            tp.patch_model(model, method=method, keep=solved_keep)
+            tp.patch_model(model, method=method, keep=solved_keep, **args.options)
             with ReducerClock() as clock:
                 for _ in range(3):
                     pooled_fn()
@@ -198,6 +211,7 @@ def rows_for_model(name, model, args, eval_data=None):
         ratio = flops / plain_flops
         rows.append({
             "model": name, "method": method, "keep": round(solved_keep, 4), "target_flops": target,
+            "options": args.options if method != "none" else {},
             "gflops": flops / 1e9, "flops_ratio": ratio, "images_per_s": ips, "plain_images_per_s": plain_ips,
             "speedup": speedup, "ideal_speedup": 1 / ratio, "speedup_of_ideal": speedup * ratio,
             "reducer_share": reducer_share, "top1": acc, "plain_top1": plain_acc,
@@ -277,7 +291,7 @@ def markdown(rows) -> str:
             "| top-1 fine-tuned |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     return head + "".join(
-        f"| {r['model']} | {r['method']} | {r['keep']:.2f} | {r['gflops']:.3f} | {r['flops_ratio']:.3f} | "
+        f"| {r['model']} | {r['method']}{''.join(f' {k}={v}' for k, v in r.get('options', {}).items())} | {r['keep']:.2f} | {r['gflops']:.3f} | {r['flops_ratio']:.3f} | "
         f"{r['images_per_s']:.1f} | {r['speedup']:.2f}x | {r['speedup_of_ideal'] * 100:.0f}% | "
         f"{r['reducer_share'] * 100:.1f}% | {fmt(r['top1'], '.2f')} | {fmt(r['finetuned_top1'], '.2f')} |\n"
         for r in rows)
