@@ -16,6 +16,7 @@ padding. Patching swaps `SwinLayer.__class__` only: no new parameters, `state_di
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -38,6 +39,7 @@ class BlockPlan:
     config: TokenPoolConfig
 
 
+@functools.lru_cache(maxsize=None)
 def _spread_prior(ws: int, device) -> torch.Tensor:
     """Farthest-point order over a ws x ws window, as a score in (0, 1]: with uniform weights the
     reducers start from the top-scored tokens, so their initial centres are spread over the window."""
