@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 
 # The main job on the offline default: the embedded self-pretrained ViT, Fashion-MNIST, keep=0.6.
 run: install
-	$(BIN)/python recipes/finetune.py --output_dir outputs/vit-tiny-fashion-mnist-tokenpool --overwrite_output_dir
+	$(BIN)/python recipes/finetune.py --output_dir outputs/vit-tiny-fashion-mnist-tokenpool --overwrite_output_dir --max_train_steps 300
 
 test: install
 	$(BIN)/python -m pytest -q
