@@ -37,8 +37,8 @@ class Signals:
 
 @dataclass
 class PoolResult:
-    tokens: torch.Tensor  # [B, k, C] the reduced tokens
-    sizes: torch.Tensor  # [B, k] how many original patches each output token stands for (float)
+    tokens: torch.Tensor | None  # [B, k, C] the reduced tokens (None only for tokenpool's output="assign")
+    sizes: torch.Tensor | None  # [B, k] how many original patches each output token stands for (float)
     assign: torch.Tensor  # [B, N] long in [0, k): the output token each input token was pooled into
 
 

@@ -12,7 +12,7 @@ import torch
 
 from .base import PoolResult, Signals, check_reduce_args, cluster_sizes, identity_result, weighted_mean
 
-OUTPUTS = ("mean", "medoid")
+OUTPUTS = ("mean", "medoid", "assign")  # "assign" is for adapters (Swin), not a config setting
 
 
 def significance_weights(signals: Signals, tokens: torch.Tensor, name: str) -> torch.Tensor:
@@ -72,6 +72,8 @@ def tokenpool(
         on the current tokens, whose attention already reflects how much they stand for, and the
         sizes are carried separately in PoolResult.sizes.
     output="medoid": each cluster becomes its medoid token, as in the public re-implementation.
+    output="assign": only the assignment is computed; the result's tokens and sizes are None (for an
+        adapter that pools other tensors than the clustering features, as Swin does).
     iterations: assignment/update rounds after the top-k-by-weight initialisation (the paper reports
         convergence in about 5); the loop stops early once no medoid moves in the whole batch.
     """
@@ -107,6 +109,8 @@ def tokenpool(
             medoids = new
         assign = _nearest(dist, medoids)
 
+    if output == "assign":
+        return PoolResult(None, None, assign)
     if output == "mean":
         out = weighted_mean(tokens.float(), w, assign, k).to(tokens.dtype)
     else:
