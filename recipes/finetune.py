@@ -325,16 +325,11 @@ def main(argv=None):
     processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
     channels = model.config.num_channels
 
-    def transform(batch):
-        images = [img.convert("RGB" if channels == 3 else "L") for img in batch[image_column]]
-        return {"pixel_values": processor(images, return_tensors="pt")["pixel_values"],
-                "labels": torch.tensor(batch[label_column])}
-
-    train, evaluation = train.with_transform(transform), evaluation.with_transform(transform)
-
     def collate(examples):
-        return {"pixel_values": torch.stack([e["pixel_values"] for e in examples]),
-                "labels": torch.stack([e["labels"] for e in examples])}
+        # the image processor runs once per batch (not once per image: its per-call cost dominates)
+        images = [e[image_column].convert("RGB" if channels == 3 else "L") for e in examples]
+        return {"pixel_values": processor(images, return_tensors="pt")["pixel_values"],
+                "labels": torch.tensor([e[label_column] for e in examples])}
 
     train_loader = DataLoader(train, shuffle=True, collate_fn=collate, batch_size=args.per_device_train_batch_size)
     eval_loader = DataLoader(evaluation, collate_fn=collate, batch_size=args.per_device_eval_batch_size)
