@@ -30,4 +30,4 @@ test: install
 	$(BIN)/python -m pytest -q
 
 benchmark: install
-	$(BIN)/python recipes/benchmark.py --suite shapes --output_dir docs/results/shapes
+	$(BIN)/python recipes/benchmark.py --suite shapes --threads 1 --output_dir docs/results/shapes-1thread
