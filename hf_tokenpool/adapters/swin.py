@@ -30,6 +30,7 @@ from torch import nn
 from transformers.models.swin.modeling_swin import window_partition, window_reverse
 
 from ..config import TokenPoolConfig
+from .vit import project_qkv
 from ..reducers import REDUCERS, Reducer, Signals
 
 
@@ -215,10 +216,7 @@ class TokenPoolSwinLayer(nn.Module):
         """SwinAttention's projections and SDPA, with a [W, heads, k, k] bias (mirrors SwinAttention.forward)."""
         attn = self.attention
         b, n, _ = hidden_states.shape
-        shape = (b, n, -1, attn.head_dim)
-        q = attn.q_proj(hidden_states).view(shape).transpose(1, 2)
-        key = attn.k_proj(hidden_states).view(shape).transpose(1, 2)
-        v = attn.v_proj(hidden_states).view(shape).transpose(1, 2)
+        q, key, v = project_qkv(attn, hidden_states)
         dropout = attn.attention_dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, key, v, attn_mask=bias.to(q.dtype), dropout_p=dropout,
                                              scale=attn.scaling)

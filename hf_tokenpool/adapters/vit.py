@@ -48,6 +48,13 @@ class LayerPlan:
     state: PoolState
 
 
+def project_qkv(attn: nn.Module, hidden_states: torch.Tensor):
+    """q, k, v as [B, heads, N, head_dim] from an upstream attention module's q/k/v projections
+    (ViTAttention, DeiTAttention and SwinAttention share these names)."""
+    shape = (*hidden_states.shape[:2], -1, attn.head_dim)
+    return (proj(hidden_states).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+
+
 def _attention_with_signals(attn: nn.Module, hidden_states, bias, needs: frozenset[str]):
     """ViTAttention/DeiTAttention forward that also returns the signals a reducer asked for.
 
@@ -55,10 +62,7 @@ def _attention_with_signals(attn: nn.Module, hidden_states, bias, needs: frozens
     Mirrors transformers.models.vit.modeling_vit.ViTAttention.forward (5.x).
     """
     b, n, _ = hidden_states.shape
-    shape = (b, n, -1, attn.head_dim)
-    q = attn.q_proj(hidden_states).view(shape).transpose(1, 2)
-    k = attn.k_proj(hidden_states).view(shape).transpose(1, 2)
-    v = attn.v_proj(hidden_states).view(shape).transpose(1, 2)
+    q, k, v = project_qkv(attn, hidden_states)
     dropout = attn.attention_dropout if attn.training else 0.0
     signals, probs = Signals(), None
     if needs & {"significance", "cls_attention"}:
