@@ -29,5 +29,6 @@ run: install
 test: install
 	$(BIN)/python -m pytest -q
 
+# The default sweep (docs/results.md): every method, keep 0.5-0.8 and FLOPs budgets, checkpoints and shapes.
 benchmark: install
-	$(BIN)/python recipes/benchmark.py --suite shapes --threads 1 --output_dir docs/results/shapes-1thread
+	$(BIN)/python recipes/benchmark.py --output_dir docs/results/sweep

@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """Accuracy, FLOPs and speed of every reducer and keep ratio, side by side with the plain model.
 
+    python recipes/benchmark.py                       # the default sweep: both suites below, every method,
+                                                      # keep 0.5-0.8 and FLOPs budgets 0.5-0.7 (tokenpool)
     python recipes/benchmark.py --suite shapes        # random-init DeiT-S/16, ViT-B/16, Swin-T at 224 (cost)
     python recipes/benchmark.py --suite checkpoints   # the embedded Fashion-MNIST checkpoints (accuracy + cost)
     python recipes/benchmark.py --model_name_or_path google/vit-base-patch16-224 --keeps 0.6
@@ -51,13 +53,16 @@ METHODS = ("none", "tokenpool", "kmeans", "tome", "topk")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["shapes", "checkpoints", "none"], default="shapes")
+    parser.add_argument("--suite", choices=["all", "shapes", "checkpoints", "none"], default="all",
+                        help="all: checkpoints and shapes; none: only --model_name_or_path")
     parser.add_argument("--model_name_or_path", action="append", default=[],
                         help="extra model(s): Hub id or local folder (repeatable)")
-    parser.add_argument("--methods", nargs="+", default=["tokenpool"], choices=METHODS[1:])
-    parser.add_argument("--keeps", nargs="+", type=float, default=[0.6])
-    parser.add_argument("--target_flops", nargs="*", type=float, default=[],
+    parser.add_argument("--methods", nargs="+", default=list(METHODS[1:]), choices=METHODS[1:])
+    parser.add_argument("--keeps", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8])
+    parser.add_argument("--target_flops", nargs="*", type=float, default=[0.5, 0.6, 0.7],
                         help="also rows solved to these FLOPs budgets (fractions of the plain model)")
+    parser.add_argument("--budget_methods", nargs="*", default=["tokenpool"], choices=METHODS[1:],
+                        help="methods that get the --target_flops rows (the others compare at equal keep)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra TokenPoolConfig setting for every pooled row, e.g. output=medoid or "
                              "proportional_attention=false (repeatable)")
@@ -135,6 +140,26 @@ def timed_pair(plain_fn, pooled_fn, repeats: int, sync):
 
 
 @torch.no_grad()
+def tokens_per_layer(model, pixels) -> list[int] | None:
+    """Tokens entering each encoder layer (ViT/DeiT; None for Swin, whose blocks pool inside windows)."""
+    layers = getattr(model.base_model, "layers", None)
+    if layers is None:
+        return None
+    counts = []
+
+    def record(module, args, kwargs):
+        counts.append((args[0] if args else kwargs["hidden_states"]).shape[1])
+
+    hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
+    try:
+        model(pixel_values=pixels)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return counts
+
+
+@torch.no_grad()
 def top1(model, pixels, labels, batch_size=256) -> float:
     correct = 0
     for i in range(0, len(labels), batch_size):
@@ -165,7 +190,7 @@ def rows_for_model(name, model, args, eval_data=None):
     plain_acc = top1(model, *eval_data) if eval_data else None
     settings = [("none", 1.0, None)]
     settings += [(m, k, None) for m in args.methods for k in args.keeps]
-    settings += [(m, None, t) for m in args.methods for t in args.target_flops]
+    settings += [(m, None, t) for m in args.budget_methods for t in args.target_flops]
     adapter = tp.ADAPTERS[model.config.model_type]
     rows = []
     for method, keep, target in tqdm(settings, desc=name, leave=False):
@@ -178,11 +203,13 @@ def rows_for_model(name, model, args, eval_data=None):
             t_plain, _ = timed_pair(lambda: model(pixel_values=batch), lambda: None, args.repeats, sync)
             ips = plain_ips = args.batch_size / t_plain
             solved_keep = 1.0
+            tokens = tokens_per_layer(model, one)
         else:
             options = {"target_flops": target} if target is not None else {"keep": keep}
             tp.patch_model(model, method=method, **options, **args.options)
             solved_keep = model.config.token_pooling["keep"]
             flops = tp.count_flops(model, one)
+            tokens = tokens_per_layer(model, one)
             acc = top1(model, *eval_data) if eval_data else None
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
@@ -212,7 +239,7 @@ def rows_for_model(name, model, args, eval_data=None):
         rows.append({
             "model": name, "method": method, "keep": round(solved_keep, 4), "target_flops": target,
             "options": args.options if method != "none" else {},
-            "gflops": flops / 1e9, "flops_ratio": ratio, "images_per_s": ips, "plain_images_per_s": plain_ips,
+            "tokens_per_layer": tokens, "gflops": flops / 1e9, "flops_ratio": ratio, "images_per_s": ips, "plain_images_per_s": plain_ips,
             "speedup": speedup, "ideal_speedup": 1 / ratio, "speedup_of_ideal": speedup * ratio,
             "reducer_share": reducer_share, "top1": acc, "plain_top1": plain_acc,
             "finetuned_top1": finetuned_top1(args, name, method, solved_keep) if eval_data and method != "none"
@@ -286,13 +313,25 @@ def plots(rows, out: Path):
     plt.close(fig)
 
 
+def _tokens(counts) -> str:
+    """[65, 65, 33, 17, 17, 9] -> '65>33>17>9' (the token count after each pooling step)."""
+    if counts is None:
+        return "–"
+    return ">".join(str(c) for i, c in enumerate(counts) if i == 0 or c != counts[i - 1])
+
+
+def _method(r) -> str:
+    name = r["method"] + "".join(f" {k}={v}" for k, v in r.get("options", {}).items())
+    return name + (f" @ {r['target_flops']:.2f} FLOPs" if r["target_flops"] is not None else "")
+
+
 def markdown(rows) -> str:
-    head = ("| model | method | keep | GFLOPs | FLOPs ratio | img/s | speed-up | of ideal | reducer share | top-1 "
-            "| top-1 fine-tuned |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| model | method | keep | tokens | GFLOPs | FLOPs ratio | img/s | speed-up | of ideal | reducer share "
+            "| top-1 | top-1 fine-tuned |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
     return head + "".join(
-        f"| {r['model']} | {r['method']}{''.join(f' {k}={v}' for k, v in r.get('options', {}).items())} | {r['keep']:.2f} | {r['gflops']:.3f} | {r['flops_ratio']:.3f} | "
-        f"{r['images_per_s']:.1f} | {r['speedup']:.2f}x | {r['speedup_of_ideal'] * 100:.0f}% | "
+        f"| {r['model']} | {_method(r)} | {r['keep']:.2f} | {_tokens(r['tokens_per_layer'])} | {r['gflops']:.3f} | "
+        f"{r['flops_ratio']:.3f} | {r['images_per_s']:.1f} | {r['speedup']:.2f}x | {r['speedup_of_ideal'] * 100:.0f}% | "
         f"{r['reducer_share'] * 100:.1f}% | {fmt(r['top1'], '.2f')} | {fmt(r['finetuned_top1'], '.2f')} |\n"
         for r in rows)
 
@@ -301,10 +340,10 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     models = []
-    if args.suite == "shapes":
-        models += [(name, factory, None) for name, factory in SHAPES.items()]
-    if args.suite == "checkpoints":
+    if args.suite in ("all", "checkpoints"):
         models += [(p.name, None, p) for p in sorted(CHECKPOINTS.iterdir()) if (p / "config.json").exists()]
+    if args.suite in ("all", "shapes"):
+        models += [(name, factory, None) for name, factory in SHAPES.items()]
     CHECKPOINT_PATHS.update({name: Path(path) for name, _, path in models if path is not None})
     models += [(Path(p).name, None, p) for p in args.model_name_or_path]
     CHECKPOINT_PATHS.update({Path(p).name: Path(p) for p in args.model_name_or_path if Path(p).exists()})

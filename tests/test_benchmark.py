@@ -1,0 +1,66 @@
+"""recipes/benchmark.py end to end on a tiny checkpoint and real Fashion-MNIST test images."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+from hf_tokenpool.data import DEBIAN_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES
+
+ROOT = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("benchmark", ROOT / "recipes" / "benchmark.py")
+benchmark = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(benchmark)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-vit")
+    torch.manual_seed(0)
+    id2label = dict(enumerate(FASHION_MNIST_CLASSES))
+    config = ViTConfig(hidden_size=64, num_hidden_layers=6, num_attention_heads=2, intermediate_size=128,
+                       image_size=32, patch_size=4, id2label=id2label, label2id={v: k for k, v in id2label.items()})
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_sweep_rows_tables_and_plots(tiny_checkpoint, tmp_path):
+    out = tmp_path / "bench"
+    rows = benchmark.main(["--suite", "none", "--model_name_or_path", tiny_checkpoint, "--keeps", "0.5", "0.8",
+                           "--target_flops", "0.7", "--eval_samples", "64", "--batch_size", "4", "--repeats", "1",
+                           "--threads", "1", "--output_dir", str(out)])
+    # plain + 4 methods x 2 keeps + 1 budget row (tokenpool only)
+    assert [(r["method"], r["target_flops"]) for r in rows][:1] == [("none", None)]
+    assert len(rows) == 1 + 4 * 2 + 1
+    plain = rows[0]
+    assert plain["flops_ratio"] == 1.0 and plain["top1"] is not None
+    by_key = {(r["method"], r["keep"]): r for r in rows if r["target_flops"] is None}
+    assert plain["tokens_per_layer"] == [65] * 6
+    for method in ("tokenpool", "kmeans", "tome", "topk"):
+        # equal keep means equal token counts (pooled after layers 2, 3 and 5 of 6: 64 -> 32 -> 16 -> 8 patches)
+        assert by_key[(method, 0.5)]["tokens_per_layer"] == [65, 65, 33, 17, 17, 9]
+        assert by_key[(method, 0.5)]["flops_ratio"] < by_key[(method, 0.8)]["flops_ratio"] < 1.0
+        assert 0 <= by_key[(method, 0.5)]["top1"] <= 100
+    budget = next(r for r in rows if r["target_flops"] is not None)
+    assert budget["method"] == "tokenpool" and abs(budget["flops_ratio"] - 0.7) < 0.03
+    saved = json.loads((out / "results.json").read_text())
+    assert len(saved["rows"]) == len(rows) and "benchmark.py" in saved["meta"]["command"]
+    table = (out / "results.md").read_text()
+    assert table.count("\n| tiny-vit0 | ") == len(rows)
+    assert "| tiny-vit0 | tome | 0.50 | 65>33>17>9 |" in table and "tokenpool @ 0.70 FLOPs" in table
+    for image in ("accuracy_vs_flops.png", "speedup_vs_flops.png"):
+        assert (out / image).stat().st_size > 10_000
+
+
+def test_bad_arguments_are_refused(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.main(["--keeps", "1.5"])
+    assert "--keeps must be in (0, 1]" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        benchmark.main(["--option", "nonsense"])
+    assert "KEY=VALUE" in capsys.readouterr().err
