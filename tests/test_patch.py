@@ -256,3 +256,15 @@ def test_config_round_trips_and_rejects_unknown_keys():
     assert all(f.metadata.get("help") for f in dataclasses.fields(TokenPoolConfig))
     with pytest.raises(ValueError, match="unknown token pooling settings"):
         TokenPoolConfig.from_dict({"keep": 0.5, "ratio": 2})
+
+
+def test_api_doc_lists_every_setting():
+    """docs/api.md documents every TokenPoolConfig field and every exported function."""
+    import dataclasses
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    for f in dataclasses.fields(TokenPoolConfig):
+        assert f"| `{f.name}` |" in doc, f"docs/api.md misses TokenPoolConfig.{f.name}"
+    for name in tp.__all__:
+        assert f"`{name}" in doc, f"docs/api.md misses hf_tokenpool.{name}"
