@@ -23,6 +23,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import datasets
@@ -208,6 +209,11 @@ def measure(model, loader, accelerator, sample_pixels) -> dict:
     return {"accuracy": round(accuracy, 2), "gflops": round(gflops, 4), "images_per_second": round(ips, 1)}
 
 
+def launcher() -> str:
+    """How this run was started, for the command recorded in all_results.json and the card."""
+    return "accelerate launch" if "ACCELERATE_MIXED_PRECISION" in os.environ or "WORLD_SIZE" in os.environ else "python"
+
+
 def checkpoint_folders(output_dir: Path) -> list[Path]:
     root = output_dir / CHECKPOINT_DIR
     found = [p for p in root.glob("step_*") if p.is_dir() and p.name[5:].isdigit()] if root.is_dir() else []
@@ -257,7 +263,7 @@ def model_card(args, results, model, train_split, eval_split) -> ModelCard:
 # {Path(repo).name}
 
 `{base}` with **token pooling** ([Marin et al., Token Pooling in Vision Transformers](https://arxiv.org/abs/2110.03860))
-applied by `hf_tokenpool` and fine-tuned for {results['train_steps']} steps on
+applied by `hf_tokenpool` and fine-tuned for {results['train_steps']} steps ({results['train_minutes']} min) on
 `{args.dataset_name}` (split `{train_split}`) to recover the accuracy that pooling costs.
 
 ## Results
@@ -376,6 +382,7 @@ def main(argv=None):
     progress.update(completed)
     step = completed
     epoch = completed // steps_per_epoch if steps_per_epoch else 0
+    started = time.perf_counter()
     while step < max_steps:
         model.train()
         loader = train_loader
@@ -415,11 +422,13 @@ def main(argv=None):
         if args.checkpointing_steps == "epoch":
             save_checkpoint(accelerator, output_dir, step)
     progress.close()
+    train_minutes = round((time.perf_counter() - started) / 60, 2)
 
     results["pooled_finetuned"] = measure(model, eval_loader, accelerator, sample)
-    results.update(train_steps=step, eval_samples=len(evaluation), num_processes=accelerator.num_processes,
+    results.update(train_steps=step, train_minutes=train_minutes, eval_samples=len(evaluation),
+                   num_processes=accelerator.num_processes,
                    device=f"{accelerator.device.type}, {torch.get_num_threads()} threads",
-                   command=" ".join(["accelerate launch recipes/finetune.py", *(argv if argv is not None else sys.argv[1:])]))
+                   command=" ".join([launcher(), "recipes/finetune.py", *(argv if argv is not None else sys.argv[1:])]))
     logger.info(f"fine-tuned: {results['pooled_finetuned']}")
     if args.report_to:
         accelerator.log({f"{k}_accuracy": v["accuracy"] for k, v in results.items() if isinstance(v, dict)}, step=step)
