@@ -66,10 +66,12 @@ def parse_args(argv=None):
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra TokenPoolConfig setting for every pooled row, e.g. output=medoid or "
                              "proportional_attention=false (repeatable)")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="timed forwards per row (median), after --warmup")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed forwards per row before timing")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--eval_samples", type=int, default=10000, help="test images for top-1 (checkpoints)")
+    parser.add_argument("--eval_samples", type=int, default=2500,
+                        help="test images for top-1 (checkpoints; the first N of the 10k test split)")
     parser.add_argument("--dataset_name", default="fashion_mnist")
     parser.add_argument("--output_dir", default=None, help="write results.json, results.md and plots here")
     parser.add_argument("--finetune", action="store_true",
@@ -124,10 +126,10 @@ class ReducerClock:
 
 
 @torch.no_grad()
-def timed_pair(plain_fn, pooled_fn, repeats: int, sync):
+def timed_pair(plain_fn, pooled_fn, repeats: int, sync, warmup: int = 1):
     """Interleave plain and pooled forwards so both see the same machine load; medians of each."""
     plain, pooled = [], []
-    for _ in range(2):  # warm-up
+    for _ in range(warmup):
         plain_fn(), pooled_fn()
     for _ in range(repeats):
         for fn, out in ((plain_fn, plain), (pooled_fn, pooled)):
@@ -200,7 +202,7 @@ def rows_for_model(name, model, args, eval_data=None):
             flops, acc, speedup, reducer_share, plain_ips = plain_flops, plain_acc, 1.0, 0.0, None
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
-            t_plain, _ = timed_pair(lambda: model(pixel_values=batch), lambda: None, args.repeats, sync)
+            t_plain, _ = timed_pair(lambda: model(pixel_values=batch), lambda: None, args.repeats, sync, args.warmup)
             ips = plain_ips = args.batch_size / t_plain
             solved_keep = 1.0
             tokens = tokens_per_layer(model, one)
@@ -225,13 +227,12 @@ def rows_for_model(name, model, args, eval_data=None):
                 finally:
                     tp.unpatch_model(model)
 
-            t_plain, t_pooled = timed_pair(plain_fn, run_pooled, args.repeats, sync)
+            t_plain, t_pooled = timed_pair(plain_fn, run_pooled, args.repeats, sync, args.warmup)
             tp.patch_model(model, method=method, keep=solved_keep, **args.options)
             with ReducerClock() as clock:
-                for _ in range(3):
-                    pooled_fn()
-                    sync()
-            reducer_share = clock.seconds / (3 * t_pooled)
+                pooled_fn()
+                sync()
+            reducer_share = clock.seconds / t_pooled
             tp.unpatch_model(model)
             ips, plain_ips = args.batch_size / t_pooled, args.batch_size / t_plain
             speedup = t_plain / t_pooled
@@ -338,6 +339,7 @@ def markdown(rows) -> str:
 
 def main(argv=None):
     args = parse_args(argv)
+    started = time.perf_counter()
     torch.set_num_threads(args.threads)
     models = []
     if args.suite in ("all", "checkpoints"):
@@ -357,9 +359,12 @@ def main(argv=None):
             eval_data = load_eval_data(path, args)
         rows += rows_for_model(name, model, args, eval_data)
         print(markdown([r for r in rows if r["model"] == name]), flush=True)
+    print(f"sweep done in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     table = markdown(rows)
     meta = {"device": args.device if args.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
-            "batch_size": args.batch_size, "repeats": args.repeats, "torch": torch.__version__,
+            "batch_size": args.batch_size, "repeats": args.repeats, "warmup": args.warmup,
+            "eval_samples": args.eval_samples, "torch": torch.__version__,
+            "wall_minutes": round((time.perf_counter() - started) / 60, 2),
             "command": " ".join(["python", "recipes/benchmark.py", *(argv if argv is not None else sys.argv[1:])])}
     if args.output_dir:
         out = Path(args.output_dir)
@@ -367,7 +372,9 @@ def main(argv=None):
         (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
         plots(rows, out)
         (out / "results.md").write_text(f"Command: `{meta['command']}`; device: {meta['device']}, batch "
-                                        f"{args.batch_size}, fp32, torch {torch.__version__}\n\n{table}")
+                                        f"{args.batch_size}, fp32, torch {torch.__version__}; top-1 on the first "
+                                        f"{args.eval_samples} test images; the sweep took {meta['wall_minutes']} "
+                                        f"min\n\n{table}")
     return rows
 
 

@@ -50,6 +50,7 @@ def test_sweep_rows_tables_and_plots(tiny_checkpoint, tmp_path):
     assert budget["method"] == "tokenpool" and abs(budget["flops_ratio"] - 0.7) < 0.03
     saved = json.loads((out / "results.json").read_text())
     assert len(saved["rows"]) == len(rows) and "benchmark.py" in saved["meta"]["command"]
+    assert 0 < saved["meta"]["wall_minutes"] < 5
     table = (out / "results.md").read_text()
     assert table.count("\n| tiny-vit0 | ") == len(rows)
     assert "| tiny-vit0 | tome | 0.50 | 65>33>17>9 |" in table and "tokenpool @ 0.70 FLOPs" in table
