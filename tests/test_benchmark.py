@@ -65,3 +65,13 @@ def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--option", "nonsense"])
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not DEBIAN_FASHION_MNIST_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
+def test_finetune_column_runs_the_recipe(tiny_checkpoint, tmp_path):
+    rows = benchmark.main(["--suite", "none", "--model_name_or_path", tiny_checkpoint, "--methods", "tome",
+                           "--keeps", "0.5", "--target_flops", "--finetune", "--finetune_steps", "2",
+                           "--eval_samples", "64", "--batch_size", "4", "--repeats", "1", "--threads", "1"])
+    plain, pooled = rows
+    assert plain["finetuned_top1"] is None
+    assert 0 <= pooled["finetuned_top1"] <= 100 and pooled["top1"] is not None
