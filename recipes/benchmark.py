@@ -64,8 +64,8 @@ def parse_args(argv=None):
     parser.add_argument("--budget_methods", nargs="*", default=["tokenpool"], choices=METHODS[1:],
                         help="methods that get the --target_flops rows (the others compare at equal keep)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                        help="extra TokenPoolConfig setting for every pooled row, e.g. output=medoid or "
-                             "proportional_attention=false (repeatable)")
+                        help="extra TokenPoolConfig setting for every pooled row, e.g. output=medoid, "
+                             "proportional_attention=false or schedule=[0.6,0.6,1] (repeatable)")
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards per row (median), after --warmup")
     parser.add_argument("--warmup", type=int, default=1, help="untimed forwards per row before timing")
@@ -90,7 +90,10 @@ def parse_args(argv=None):
         key, sep, value = item.partition("=")
         if not sep:
             parser.error(f"--option takes KEY=VALUE, got {item!r}")
-        args.options[key] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
+        try:  # numbers, true/false, lists such as schedule=[0.6,0.6,1]
+            args.options[key] = json.loads(value.lower() if value.lower() in ("true", "false") else value)
+        except json.JSONDecodeError:
+            args.options[key] = value  # a bare word, e.g. output=medoid
     try:
         tp.TokenPoolConfig(**args.options)
     except (TypeError, ValueError) as err:
