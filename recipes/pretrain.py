@@ -430,6 +430,9 @@ def main(argv=None):
         output_dir = Path(args.output_dir)
         output_dir.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # it becomes output_dir: a normal folder, not mkdtemp's private 0700
     else:
         staging = None
     unwrapped = accelerator.unwrap_model(model)
