@@ -8,8 +8,8 @@
     python recipes/benchmark.py --model_name_or_path google/vit-base-patch16-224 --keeps 0.6
 
 Per row: GFLOPs per image (torch.utils.flop_counter), images/s (warm-up, then the median of repeated
-batches, timed interleaved with the plain model so both see the same machine load; fixed thread
-count; CUDA-synchronised on a GPU), the share of forward time spent in the reducers, peak GPU memory
+batches; the plain model is timed once per model, first; fixed thread count; CUDA-synchronised on a
+GPU; run it on an otherwise idle machine), the share of forward time spent in the reducers, peak GPU memory
 (GPU only), and top-1 on the test split for checkpoints. Results go to --output_dir as JSON and a
 Markdown table.
 """
@@ -70,7 +70,7 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="timed forwards per row (median), after --warmup")
     parser.add_argument("--warmup", type=int, default=1, help="untimed forwards per row before timing")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    parser.add_argument("--eval_samples", type=int, default=2500,
+    parser.add_argument("--eval_samples", type=int, default=2000,
                         help="test images for top-1 (checkpoints; the first N of the 10k test split)")
     parser.add_argument("--dataset_name", default="fashion_mnist")
     parser.add_argument("--output_dir", default=None, help="write results.json, results.md and plots here")
@@ -129,19 +129,18 @@ class ReducerClock:
 
 
 @torch.no_grad()
-def timed_pair(plain_fn, pooled_fn, repeats: int, sync, warmup: int = 1):
-    """Interleave plain and pooled forwards so both see the same machine load; medians of each."""
-    plain, pooled = [], []
-    for _ in range(warmup):
-        plain_fn(), pooled_fn()
-    for _ in range(repeats):
-        for fn, out in ((plain_fn, plain), (pooled_fn, pooled)):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            out.append(time.perf_counter() - start)
-    return statistics.median(plain), statistics.median(pooled)
+def timed(fn, repeats: int, sync, warmup: int = 1) -> tuple[float, float]:
+    """Median seconds of `repeats` calls after `warmup` untimed ones, and the seconds all the calls took."""
+    times = []
+    began = time.perf_counter()
+    for i in range(warmup + repeats):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times), time.perf_counter() - began
 
 
 @torch.no_grad()
@@ -191,6 +190,8 @@ def rows_for_model(name, model, args, eval_data=None):
     batch = torch.randn(args.batch_size, model.config.num_channels, size, size, device=device)
     one = batch[:1]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    forward = lambda: model(pixel_values=batch)  # noqa: E731  (plain or pooled: patching swaps classes in place)
+    reset_peak_memory = torch.cuda.reset_peak_memory_stats if device.type == "cuda" else (lambda: None)
     plain_flops = tp.count_flops(model, one)
     plain_acc = top1(model, *eval_data) if eval_data else None
     settings = [("none", 1.0, None)]
@@ -201,11 +202,10 @@ def rows_for_model(name, model, args, eval_data=None):
     for method, keep, target in tqdm(settings, desc=name, leave=False):
         if method != "none" and method not in adapter.methods:
             continue
-        if method == "none":
-            flops, acc, speedup, reducer_share, plain_ips = plain_flops, plain_acc, 1.0, 0.0, None
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            t_plain, _ = timed_pair(lambda: model(pixel_values=batch), lambda: None, args.repeats, sync, args.warmup)
+        if method == "none":  # always the first row: the plain time every pooled row is compared with
+            flops, acc, speedup, reducer_share = plain_flops, plain_acc, 1.0, 0.0
+            reset_peak_memory()
+            t_plain, _ = timed(forward, args.repeats, sync, args.warmup)
             ips = plain_ips = args.batch_size / t_plain
             solved_keep = 1.0
             tokens = tokens_per_layer(model, one)
@@ -216,28 +216,12 @@ def rows_for_model(name, model, args, eval_data=None):
             flops = tp.count_flops(model, one)
             tokens = tokens_per_layer(model, one)
             acc = top1(model, *eval_data) if eval_data else None
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            pooled_fn = lambda: model(pixel_values=batch)  # noqa: E731
-            tp.unpatch_model(model)
-            plain_fn = lambda: model(pixel_values=batch)  # noqa: E731
-            # plain and pooled timed on the same model object: patch/unpatch around each call is free
-            # (a class swap), so the interleaving is fair.
-            def run_pooled():
-                tp.patch_model(model, method=method, keep=solved_keep, **args.options)
-                try:
-                    pooled_fn()
-                finally:
-                    tp.unpatch_model(model)
-
-            t_plain, t_pooled = timed_pair(plain_fn, run_pooled, args.repeats, sync, args.warmup)
-            tp.patch_model(model, method=method, keep=solved_keep, **args.options)
+            reset_peak_memory()
             with ReducerClock() as clock:
-                pooled_fn()
-                sync()
-            reducer_share = clock.seconds / t_pooled
+                t_pooled, total = timed(forward, args.repeats, sync, args.warmup)
+            reducer_share = clock.seconds / total
             tp.unpatch_model(model)
-            ips, plain_ips = args.batch_size / t_pooled, args.batch_size / t_plain
+            ips = args.batch_size / t_pooled
             speedup = t_plain / t_pooled
         ratio = flops / plain_flops
         rows.append({
