@@ -313,6 +313,35 @@ def _method(r) -> str:
     return name + (f" @ {r['target_flops']:.2f} FLOPs" if r["target_flops"] is not None else "")
 
 
+def pivot(rows, cell, models) -> str:
+    """One line per (model, method), one column per keep: the at-a-glance view of the sweep."""
+    keeps = sorted({r["keep"] for r in rows if r["method"] != "none" and r["target_flops"] is None})
+    out = f"| model | method | {' | '.join(f'keep {k:g}' for k in keeps)} |\n|---|---|{'---|' * len(keeps)}\n"
+    for model in models:
+        for method in METHODS[1:]:
+            mine = {r["keep"]: r for r in rows
+                    if r["model"] == model and r["method"] == method and r["target_flops"] is None}
+            if mine:
+                out += f"| {model} | {method} | {' | '.join(cell(mine[k]) if k in mine else '–' for k in keeps)} |\n"
+    return out
+
+
+def summary(rows) -> str:
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    plain = {r["model"]: r for r in rows if r["method"] == "none"}
+    text = ""
+    scored = [m for m in models if plain[m]["top1"] is not None]
+    if scored:
+        text += "Top-1 (%), off the shelf (plain: " + ", ".join(f"{m} {plain[m]['top1']:.2f}" for m in scored) + ")"
+        tuned = any(r["finetuned_top1"] is not None for r in rows)
+        text += "; after the fine-tune in brackets" if tuned else ""
+        text += ":\n\n" + pivot(rows, lambda r: f"{r['top1']:.2f}" + (
+            f" ({r['finetuned_top1']:.2f})" if r["finetuned_top1"] is not None else ""), scored) + "\n"
+    text += "Speed-up over the plain model (share of the ideal 1 / FLOPs ratio):\n\n"
+    text += pivot(rows, lambda r: f"{r['speedup']:.2f}x ({r['speedup_of_ideal'] * 100:.0f}%)", models)
+    return text
+
+
 def markdown(rows) -> str:
     head = ("| model | method | keep | tokens | GFLOPs | FLOPs ratio | img/s | speed-up | of ideal | reducer share "
             "| top-1 | top-1 fine-tuned |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
@@ -361,7 +390,7 @@ def main(argv=None):
         (out / "results.md").write_text(f"Command: `{meta['command']}`; device: {meta['device']}, batch "
                                         f"{args.batch_size}, fp32, torch {torch.__version__}; top-1 on the first "
                                         f"{args.eval_samples} test images; the sweep took {meta['wall_minutes']} "
-                                        f"min\n\n{table}")
+                                        f"min\n\n{summary(rows)}\nEvery row:\n\n{table}")
     return rows
 
 

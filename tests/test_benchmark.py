@@ -52,8 +52,9 @@ def test_sweep_rows_tables_and_plots(tiny_checkpoint, tmp_path):
     assert len(saved["rows"]) == len(rows) and "benchmark.py" in saved["meta"]["command"]
     assert 0 < saved["meta"]["wall_minutes"] < 5
     table = (out / "results.md").read_text()
-    assert table.count("\n| tiny-vit0 | ") == len(rows)
+    assert table.count("\n| tiny-vit0 | ") == len(rows) + 2 * 4  # every row, then the two keep-by-method views
     assert "| tiny-vit0 | tome | 0.50 | 65>33>17>9 |" in table and "tokenpool @ 0.70 FLOPs" in table
+    assert table.count("| model | method | keep 0.5 | keep 0.8 |") == 2
     for image in ("accuracy_vs_flops.png", "speedup_vs_flops.png"):
         assert (out / image).stat().st_size > 10_000
 
