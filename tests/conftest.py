@@ -54,3 +54,18 @@ def output_of(model, pixels, **kwargs):
 def pixels():
     torch.manual_seed(1)
     return torch.randn(4, 3, 32, 32)
+
+
+def save_fmnist_vit(folder, **shape):
+    """A random ViT with Fashion-MNIST's ten class names and an image processor, saved as an HF folder."""
+    from transformers import ViTImageProcessor
+
+    from hf_tokenpool.data import FASHION_MNIST_CLASSES
+
+    torch.manual_seed(0)
+    id2label = dict(enumerate(FASHION_MNIST_CLASSES))
+    config = ViTConfig(**{**shape, "image_size": 32, "patch_size": 4, "id2label": id2label,
+                          "label2id": {v: k for k, v in id2label.items()}})
+    ViTForImageClassification(config).save_pretrained(folder)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+    return str(folder)

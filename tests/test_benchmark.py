@@ -5,10 +5,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
-from hf_tokenpool.data import DEBIAN_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES
+from conftest import save_fmnist_vit
+from hf_tokenpool.data import DEBIAN_FASHION_MNIST_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("benchmark", ROOT / "recipes" / "benchmark.py")
@@ -18,14 +16,8 @@ spec.loader.exec_module(benchmark)
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-vit")
-    torch.manual_seed(0)
-    id2label = dict(enumerate(FASHION_MNIST_CLASSES))
-    config = ViTConfig(hidden_size=64, num_hidden_layers=6, num_attention_heads=2, intermediate_size=128,
-                       image_size=32, patch_size=4, id2label=id2label, label2id={v: k for k, v in id2label.items()})
-    ViTForImageClassification(config).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
-    return str(folder)
+    return save_fmnist_vit(tmp_path_factory.mktemp("tiny-vit"), hidden_size=64, num_hidden_layers=6,
+                           num_attention_heads=2, intermediate_size=128)
 
 
 @pytest.mark.skipif(not DEBIAN_FASHION_MNIST_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
@@ -51,9 +43,9 @@ def test_sweep_rows_tables_and_plots(tiny_checkpoint, tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert len(saved["rows"]) == len(rows) and "benchmark.py" in saved["meta"]["command"]
     assert 0 < saved["meta"]["wall_minutes"] < 5
-    table = (out / "results.md").read_text()
-    assert table.count("\n| tiny-vit0 | ") == len(rows) + 2 * 4  # every row, then the two keep-by-method views
-    assert "| tiny-vit0 | tome | 0.50 | 65>33>17>9 |" in table and "tokenpool @ 0.70 FLOPs" in table
+    table = (out / "results.md").read_text().replace(Path(tiny_checkpoint).name, "tiny")
+    assert table.count("\n| tiny | ") == len(rows) + 2 * 4  # every row, then the two keep-by-method views
+    assert "| tiny | tome | 0.50 | 65>33>17>9 |" in table and "tokenpool @ 0.70 FLOPs" in table
     assert table.count("| model | method | keep 0.5 | keep 0.8 |") == 2
     for image in ("accuracy_vs_flops.png", "speedup_vs_flops.png"):
         assert (out / image).stat().st_size > 10_000

@@ -15,9 +15,9 @@ import torch
 from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-from hf_tokenpool.data import DEBIAN_FASHION_MNIST_DIR, FASHION_MNIST_CLASSES
+from conftest import save_fmnist_vit
+from hf_tokenpool.data import DEBIAN_FASHION_MNIST_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("finetune", ROOT / "recipes" / "finetune.py")
@@ -32,14 +32,8 @@ QUICK = ["--max_train_samples", "256", "--max_eval_samples", "101", "--per_devic
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny-vit")
-    torch.manual_seed(0)
-    id2label = dict(enumerate(FASHION_MNIST_CLASSES))
-    config = ViTConfig(hidden_size=96, num_hidden_layers=4, num_attention_heads=2, intermediate_size=384,
-                       image_size=32, patch_size=4, id2label=id2label, label2id={v: k for k, v in id2label.items()})
-    ViTForImageClassification(config).save_pretrained(folder)
-    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
-    return str(folder)
+    return save_fmnist_vit(tmp_path_factory.mktemp("tiny-vit"), hidden_size=96, num_hidden_layers=4,
+                           num_attention_heads=2, intermediate_size=384)
 
 
 @needs_fmnist
