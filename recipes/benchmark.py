@@ -17,10 +17,13 @@ Markdown table.
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -237,18 +240,21 @@ def rows_for_model(name, model, args, eval_data=None):
     return rows
 
 
+@functools.lru_cache(maxsize=1)
+def _finetune_recipe():
+    """recipes/finetune.py as a module, loaded once for all the rows that fine-tune."""
+    spec = importlib.util.spec_from_file_location("finetune", Path(__file__).with_name("finetune.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def finetuned_top1(args, name, method, keep):
     """Top-1 after recipes/finetune.py's short fine-tune of this pooled row (same test images)."""
     if not args.finetune or (args.finetune_keeps and keep not in args.finetune_keeps) or name not in CHECKPOINT_PATHS:
         return None
-    import importlib.util
-    import tempfile
-
-    spec = importlib.util.spec_from_file_location("finetune", Path(__file__).with_name("finetune.py"))
-    finetune = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(finetune)
     with tempfile.TemporaryDirectory() as out:
-        results = finetune.main([
+        results = _finetune_recipe().main([
             "--model_name_or_path", str(CHECKPOINT_PATHS[name]), "--dataset_name", args.dataset_name,
             "--method", method, "--keep", str(keep), "--max_train_steps", str(args.finetune_steps),
             "--max_eval_samples", str(args.eval_samples), "--output_dir", f"{out}/run", "--seed", "0"])
