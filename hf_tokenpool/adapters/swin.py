@@ -30,10 +30,8 @@ from torch import nn
 from transformers.models.swin.modeling_swin import window_partition, window_reverse
 
 from ..config import TokenPoolConfig
-from .vit import project_qkv
 from ..reducers import REDUCERS, Reducer, Signals
-
-
+from .vit import project_qkv
 
 SWIN_MAX_ITERATIONS = 1  # `iterations` is min(config.iterations, this) in Swin windows (module docstring)
 
