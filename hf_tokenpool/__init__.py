@@ -6,7 +6,7 @@
 """
 
 from .config import TokenPoolConfig
-from .flops import count_flops, images_per_second
+from .flops import count_flops, images_per_second, time_interleaved
 from .patch import (
     ADAPTERS,
     SUPPORTED_CLASSES,
@@ -31,5 +31,6 @@ __all__ = [
     "is_patched",
     "load_model",
     "patch_model",
+    "time_interleaved",
     "unpatch_model",
 ]

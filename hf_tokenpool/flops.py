@@ -1,5 +1,12 @@
-"""Cost measurements shared by the demo, the recipe and the benchmark: FLOPs from torch's own counter
-(never a hand-written formula) and images/s with warm-up and a median over repeated batches."""
+"""Cost measurements shared by the recipe and the benchmark: FLOPs from torch's own counter (never a
+hand-written formula) and speed measured with contenders interleaved.
+
+FLOPs: `torch.utils.flop_counter` has formulas for the CUDA SDPA kernels but none for CPU's fused
+kernel (`aten._scaled_dot_product_flash_attention_for_cpu`), so on CPU it silently counts 0 FLOPs for
+every `F.scaled_dot_product_attention` call while counting an explicit `softmax(q k^T) v` in full.
+`count_flops` registers torch's own SDPA formula for that kernel too, so attention is counted the same
+way on every device and whichever way a layer computes it.
+"""
 
 from __future__ import annotations
 
@@ -8,38 +15,88 @@ import time
 
 import torch
 from torch import nn
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
+
+_aten = torch.ops.aten
+
+
+def _cpu_sdpa_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_sdpa_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# The formulas torch lacks, in FlopCounterMode's custom_mapping form (functions of the argument shapes).
+MISSING_FLOP_FORMULAS = {
+    _aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flop,
+    _aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flop,
+}
+
+
+def flop_counter_mode(**kwargs) -> FlopCounterMode:
+    """`FlopCounterMode` that also counts CPU's fused SDPA kernel (see the module docstring)."""
+    return FlopCounterMode(display=False, custom_mapping=dict(MISSING_FLOP_FORMULAS), **kwargs)
 
 
 @torch.no_grad()
 def count_flops(model: nn.Module, pixel_values: torch.Tensor) -> int:
-    """FLOPs of one forward pass (torch.utils.flop_counter: matmuls, convolutions, attention)."""
+    """FLOPs of one forward pass: matmuls, convolutions and attention (SDPA on every device), as counted
+    by torch.utils.flop_counter. Element-wise work (softmax, norms, activations) is not counted."""
     was_training = model.training
     model.eval()
     try:
-        with FlopCounterMode(display=False) as counter:
+        with flop_counter_mode() as counter:
             model(pixel_values=pixel_values)
     finally:
         model.train(was_training)
     return counter.get_total_flops()
 
 
+def _timed_forward(model: nn.Module, pixel_values: torch.Tensor, sync) -> float:
+    sync()
+    start = time.perf_counter()
+    model(pixel_values=pixel_values)
+    sync()
+    return time.perf_counter() - start
+
+
 @torch.no_grad()
-def images_per_second(model: nn.Module, pixel_values: torch.Tensor, *, warmup: int = 2, repeats: int = 5) -> float:
-    """Median throughput over `repeats` timed forward passes of the batch, after `warmup` untimed ones.
-    CUDA work is synchronised before each clock read."""
-    was_training = model.training
-    model.eval()
+def time_interleaved(models: dict[str, nn.Module], pixel_values: torch.Tensor, *, warmup: int = 1,
+                     repeats: int = 7) -> dict[str, dict]:
+    """Images/s of several models on the same batch, timed in turn (A, B, A, B, ...) so that a change
+    in machine load hits every contender alike. Each model first runs `warmup` untimed forwards.
+
+    Returns {name: {"images_per_second": median, "min": slowest, "max": fastest, "repeats": n}} (the
+    spread as images/s of the slowest and fastest of the n timed forwards). CUDA work is synchronised
+    around each clock read.
+    """
+    if not models:
+        raise ValueError("time_interleaved needs at least one model")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
     sync = torch.cuda.synchronize if pixel_values.is_cuda else (lambda: None)
-    times = []
+    modes = {name: m.training for name, m in models.items()}
+    times: dict[str, list[float]] = {name: [] for name in models}
     try:
+        for m in models.values():
+            m.eval()
         for i in range(warmup + repeats):
-            sync()
-            start = time.perf_counter()
-            model(pixel_values=pixel_values)
-            sync()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
+            for name, m in models.items():
+                t = _timed_forward(m, pixel_values, sync)
+                if i >= warmup:
+                    times[name].append(t)
     finally:
-        model.train(was_training)
-    return pixel_values.shape[0] / statistics.median(times)
+        for name, m in models.items():
+            m.train(modes[name])
+    batch = pixel_values.shape[0]
+    return {name: {"images_per_second": batch / statistics.median(ts), "min": batch / max(ts),
+                   "max": batch / min(ts), "repeats": len(ts)} for name, ts in times.items()}
+
+
+def images_per_second(model: nn.Module, pixel_values: torch.Tensor, *, warmup: int = 2, repeats: int = 7) -> float:
+    """Median throughput of one model over `repeats` timed forwards after `warmup` untimed ones.
+    To compare two models, use `time_interleaved`: timings taken apart are not comparable."""
+    return time_interleaved({"model": model}, pixel_values, warmup=warmup, repeats=repeats)["model"]["images_per_second"]
