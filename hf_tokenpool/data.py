@@ -13,6 +13,7 @@ RGB conversion, same PIL resize, same rescale and normalisation), but builds the
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import shutil
 import tempfile
@@ -236,3 +237,27 @@ def to_pixel_values(
     pixels = to_uint8_pixels(dataset_split, image_processor, image_column=image_column)
     labels = torch.tensor(dataset_split[label_column], dtype=torch.long)
     return normalize_pixels(pixels, image_processor), labels
+
+
+def find_unreadable_images(dataset_split, image_column: str = "image") -> list[tuple[int, str, str]]:
+    """Every row of `image_column` that PIL cannot decode, as (row, where, why), checked before training.
+
+    `where` is the image's file path when the dataset has one (an image folder), else "row N". Each image
+    is decoded in full (`Image.load`), so truncated files are found too, not only bad headers; this reads
+    every image once (about a millisecond for a small one).
+    """
+    raw = dataset_split.cast_column(image_column, datasets.Image(decode=False))
+    bad = []
+    for start in range(0, len(raw), 1000):
+        for offset, value in enumerate(raw[start : start + 1000][image_column]):
+            row = start + offset
+            path = (value or {}).get("path")
+            try:
+                if not value or (value.get("bytes") is None and not path):
+                    raise ValueError("no image in this row")
+                source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else path
+                with Image.open(source) as image:
+                    image.load()
+            except Exception as err:  # PIL raises several types (UnidentifiedImageError, OSError, SyntaxError)
+                bad.append((row, path or f"row {row}", f"{type(err).__name__}: {err}"))
+    return bad

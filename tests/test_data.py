@@ -171,3 +171,27 @@ def test_to_pixel_values_equals_the_image_processor():
     assert pixel_values.shape == (8, 3, 32, 32) and pixel_values.dtype == torch.float32
     torch.testing.assert_close(pixel_values, expected, atol=1e-5, rtol=0)
     assert labels.tolist() == list(range(8))
+
+
+def test_find_unreadable_images_names_each_bad_file(tmp_path):
+    _write_images(tmp_path / "images", ["bag", "coat"], count=4)
+    truncated = tmp_path / "images" / "coat" / "1.png"
+    truncated.write_bytes(truncated.read_bytes()[:50])  # the header still reads; decoding the pixels fails
+    (tmp_path / "images" / "bag" / "3.png").write_bytes(b"not an image at all")
+    split = load_image_dataset(str(tmp_path / "images"))["train"]
+    bad = data.find_unreadable_images(split)
+    assert sorted(where.split("images/")[1] for _, where, _ in bad) == ["bag/3.png", "coat/1.png"]
+    assert all(split.cast_column("image", datasets.Image(decode=False))[row]["image"]["path"] == where
+               for row, where, _ in bad)
+    assert sorted(why.split(":")[0] for _, _, why in bad) == ["OSError", "UnidentifiedImageError"]
+    # the good ones decode: nothing is flagged in a clean folder
+    _write_images(tmp_path / "clean", ["bag", "coat"])
+    assert data.find_unreadable_images(load_image_dataset(str(tmp_path / "clean"))["train"]) == []
+
+
+def test_find_unreadable_images_in_memory_rows():
+    good = Image.fromarray(np.zeros((4, 4), dtype=np.uint8), mode="L")
+    split = datasets.Dataset.from_dict({"picture": [good, {"bytes": b"\x89PNG\r\n\x1a\nbroken", "path": None}, good]},
+                                       features=datasets.Features({"picture": datasets.Image()}))
+    bad = data.find_unreadable_images(split, "picture")
+    assert [(row, where) for row, where, _ in bad] == [(1, "row 1")]
