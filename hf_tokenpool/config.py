@@ -13,6 +13,9 @@ from dataclasses import asdict, dataclass, field, fields
 
 METHODS = ("tokenpool", "kmeans", "tome", "topk")
 OUTPUTS = ("mean", "medoid")
+LOCATIONS = ("before_mlp", "after_layer")
+METRICS = ("keys", "tokens")
+LEGACY_DEFAULTS = {"pool_location": "after_layer", "metric": "tokens"}
 CONFIG_KEY = "token_pooling"  # attribute of `model.config` (and key of config.json) that carries the settings
 
 
@@ -54,10 +57,21 @@ class TokenPoolConfig:
         metadata={"help": "Add log(size) to the attention logits of pooled tokens, so a token that stands "
                   "for s patches weighs like s patches (ToMe's proportional attention)."},
     )
-    iterations: int = field(default=5, metadata={"help": "Clustering iterations (tokenpool, kmeans)."})
+    pool_location: str = field(
+        default="before_mlp",
+        metadata={"help": f"Where a pooling layer reduces its tokens (ViT/DeiT), one of {LOCATIONS}: between "
+                  "attention and MLP (ToMe's place: the MLP already runs on the reduced tokens) or after the layer."},
+    )
+    metric: str = field(
+        default="keys",
+        metadata={"help": f"Clustering features of tokenpool and kmeans (ViT/DeiT), one of {METRICS}: the attention "
+                  "keys averaged over heads (ToMe's metric, head_dim wide) or the hidden states."},
+    )
+    iterations: int = field(default=5, metadata={"help": "Clustering rounds (tokenpool, kmeans); always run in full."})
     output: str = field(
         default="mean",
-        metadata={"help": f"tokenpool output, one of {OUTPUTS}: significance-weighted cluster means or the medoids."},
+        metadata={"help": f"tokenpool output, one of {OUTPUTS}: cluster means weighted by significance x size, "
+                  "or the medoids."},
     )
 
     def __post_init__(self):
@@ -70,17 +84,24 @@ class TokenPoolConfig:
             raise ValueError(f"target_flops must be in (0, 1] (a fraction of the plain model's FLOPs), "
                              f"got {self.target_flops!r}")
         if self.schedule is not None:
-            if not self.schedule or any(not 0 < float(s) <= 1 for s in self.schedule):
+            if (not isinstance(self.schedule, (list, tuple)) or not self.schedule
+                    or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s <= 1 for s in self.schedule)):
                 raise ValueError(f"schedule must be a non-empty list of per-layer keep fractions in (0, 1], "
                                  f"got {self.schedule!r}")
             self.schedule = [float(s) for s in self.schedule]
         if self.pool_after is not None:
-            if any(not isinstance(i, int) or i < 0 for i in self.pool_after):
-                raise ValueError(f"pool_after must be a list of 0-based layer indices, got {self.pool_after!r}")
+            if (not isinstance(self.pool_after, (list, tuple)) or not self.pool_after
+                    or any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.pool_after)):
+                raise ValueError(f"pool_after must be a non-empty list of 0-based layer indices, e.g. [2, 5, 8]; "
+                                 f"got {self.pool_after!r}")
             self.pool_after = sorted(set(self.pool_after))
+        if self.pool_location not in LOCATIONS:
+            raise ValueError(f"unknown pool_location {self.pool_location!r}; accepted: {', '.join(LOCATIONS)}")
+        if self.metric not in METRICS:
+            raise ValueError(f"unknown metric {self.metric!r}; accepted: {', '.join(METRICS)}")
         if self.output not in OUTPUTS:
             raise ValueError(f"unknown output {self.output!r}; accepted: {', '.join(OUTPUTS)}")
-        if not isinstance(self.iterations, int) or self.iterations < 1:
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
             raise ValueError(f"iterations must be a positive integer, got {self.iterations!r}")
 
     def layer_keeps(self, num_layers: int) -> list[float]:
@@ -110,6 +131,9 @@ class TokenPoolConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> TokenPoolConfig:
+        # Settings saved before pool_location and metric existed (hf_tokenpool 0.1) meant pooling after
+        # the layer and clustering the hidden states: a saved model comes back as it was trained.
+        data = {**LEGACY_DEFAULTS, **data} if "pool_location" not in data else dict(data)
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:

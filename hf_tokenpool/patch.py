@@ -15,8 +15,9 @@ from .config import CONFIG_KEY, TokenPoolConfig
 from .flops import count_flops
 
 # model_type -> adapter. ViT and DeiT share one adapter; an unknown type raises with this list.
-ADAPTERS = {"vit": ViTAdapter(), "deit": ViTAdapter(), "swin": SwinAdapter()}
-SUPPORTED_CLASSES = tuple(name for a in {id(a): a for a in ADAPTERS.values()}.values() for name in a.model_classes)
+_VIT = ViTAdapter()
+ADAPTERS = {"vit": _VIT, "deit": _VIT, "swin": SwinAdapter()}
+SUPPORTED_CLASSES = tuple(dict.fromkeys(name for a in ADAPTERS.values() for name in a.model_classes))
 # Heads that need every token back, and why they cannot be pooled.
 UNSUPPORTED_HEADS = {
     "ViTForMaskedImageModeling": "masked image modelling reconstructs every patch, so no token may be pooled",
@@ -27,7 +28,14 @@ UNSUPPORTED_HEADS = {
 _OPTION_NAMES = tuple(f.name for f in dataclasses.fields(TokenPoolConfig))
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (`get_peft_model(model, LoraConfig(...))`), else model."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
 def _adapter_and_base(model: nn.Module):
+    model = unwrap(model)
     name = getattr(type(model), "_tokenpool_original", type(model)).__name__
     if name in UNSUPPORTED_HEADS:
         raise ValueError(f"{name} cannot be patched: {UNSUPPORTED_HEADS[name]}. "
@@ -55,6 +63,7 @@ def patch_model(model: nn.Module, keep: float | None = None, method: str | None 
     gets those back. Patching a patched model raises: call `unpatch_model` first.
     """
     adapter, base = _adapter_and_base(model)
+    wrapper, model = model, unwrap(model)
     if adapter.is_patched(base):
         raise ValueError("this model is already patched with token pooling "
                          f"({getattr(model.config, CONFIG_KEY, None)}); call unpatch_model(model) first to change it")
@@ -78,7 +87,7 @@ def patch_model(model: nn.Module, keep: float | None = None, method: str | None 
         config = dataclasses.replace(config, keep=_solve_keep(model, adapter, base, config))
     adapter.patch(base, config)
     setattr(model.config, CONFIG_KEY, config.to_dict())
-    return model
+    return wrapper
 
 
 def unpatch_model(model: nn.Module) -> nn.Module:
@@ -87,8 +96,8 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     if not adapter.is_patched(base):
         raise ValueError("this model is not patched with token pooling; nothing to undo")
     adapter.unpatch(base)
-    if hasattr(model.config, CONFIG_KEY):
-        delattr(model.config, CONFIG_KEY)
+    if hasattr(base.config, CONFIG_KEY):
+        delattr(base.config, CONFIG_KEY)
     return model
 
 
@@ -124,9 +133,14 @@ def _solve_keep(model, adapter, base, config: TokenPoolConfig) -> float:
         else:
             hi = mid
     if lo == 0.0 or ratio(lo) is None:
-        best = ratio(hi) or 1.0
-        raise ValueError(f"target_flops={config.target_flops} cannot be reached with this schedule (the "
-                         f"cheapest reachable is about {best:.2f}); pool at more layers or raise target_flops")
+        # the smallest keep that still leaves a token at every step gives the cheapest reachable cost
+        bad, good = 0.0, 1.0
+        for _ in range(20):
+            mid = (bad + good) / 2
+            bad, good = (bad, mid) if ratio(mid) is not None else (mid, good)
+        raise ValueError(f"target_flops={config.target_flops} cannot be reached with this schedule: the cheapest "
+                         f"reachable is about {ratio(good):.3f} (keep={good:.3f}); pool at more layers or raise "
+                         "target_flops")
     return math.floor(lo * 1e4) / 1e4  # round down: rounding up could overshoot the budget
 
 

@@ -8,6 +8,7 @@ checked against a hand computation or a brute-force / loop reference.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -125,10 +126,10 @@ def test_impossible_k_is_refused(name, opts, k):
 
 @pytest.mark.parametrize(("name", "opts"), CONFIGS, ids=CONFIG_IDS)
 def test_a_missing_signal_is_refused_by_name(name, opts):
-    tokens, sizes, _ = make_inputs(name)
-    (needed,) = REDUCERS[name].needs
-    with pytest.raises(ValueError, match=needed):
-        reduce(name, opts, tokens, sizes, 5, Signals())
+    tokens, sizes, signals = make_inputs(name)
+    for needed in REDUCERS[name].needs:
+        with pytest.raises(ValueError, match=needed):
+            reduce(name, opts, tokens, sizes, 5, dataclasses.replace(signals, **{needed: None}))
 
 
 def test_tokenpool_rejects_an_unknown_output():
@@ -151,7 +152,8 @@ def test_tokenpool_merges_exact_duplicates_exactly():
     tokens = POINTS[ids][None]
     w = torch.ones(1, 9)
     for output in ("mean", "medoid"):
-        res = REDUCERS["tokenpool"].fn(tokens, torch.ones(1, 9), 3, Signals(significance=w), output=output)
+        res = REDUCERS["tokenpool"].fn(tokens, torch.ones(1, 9), 3, Signals(significance=w), output=output,
+                                       metric="tokens")
         torch.testing.assert_close(res.tokens[0], POINTS)  # cluster c is the point of medoid c
         assert res.sizes[0].tolist() == [2.0, 3.0, 4.0]
         assert torch.equal(res.assign[0], ids)
@@ -164,7 +166,7 @@ def test_tokenpool_duplicates_sharing_the_top_weight_are_not_separated():
     ids = torch.tensor([0, 0, 0, 1, 1, 2, 2])
     tokens = POINTS[ids][None]
     w = torch.tensor([[3.0, 3.0, 3.0, 1.0, 1.0, 2.0, 2.0]])  # identical tokens receive identical attention
-    res = REDUCERS["tokenpool"].fn(tokens, torch.ones(1, 7), 3, Signals(significance=w))
+    res = REDUCERS["tokenpool"].fn(tokens, torch.ones(1, 7), 3, Signals(significance=w), metric="tokens")
     torch.testing.assert_close(res.tokens[0], POINTS)
 
 
@@ -185,7 +187,8 @@ def _objective(x: torch.Tensor, w: torch.Tensor, medoids: list[int]) -> float:
 
 
 def _check_local_optimum_and_ratio(x, w, k):
-    res = REDUCERS["tokenpool"].fn(x[None], torch.ones(1, len(x)), k, Signals(significance=w[None]), output="medoid")
+    res = REDUCERS["tokenpool"].fn(x[None], torch.ones(1, len(x)), k, Signals(significance=w[None]), output="medoid",
+                                   metric="tokens")
     medoids = _medoid_indices(x, res.tokens[0])
     assert len(set(medoids)) == k
     # every token sits with its nearest medoid
@@ -240,7 +243,7 @@ def test_kmeans_on_separated_clusters_returns_their_weighted_means():
     x = centres[labels] + 0.5 * torch.randn(12, C, generator=g)
     w = torch.rand(12, generator=g) + 0.1
     w[:3] += 1.0  # one initial centre per cluster
-    res = REDUCERS["kmeans"].fn(x[None], torch.ones(1, 12), 3, Signals(significance=w[None]))
+    res = REDUCERS["kmeans"].fn(x[None], torch.ones(1, 12), 3, Signals(significance=w[None]), metric="tokens")
     assert torch.equal(res.assign[0], labels)  # cluster c starts at token c, which is in cluster c
     for c in range(3):
         m = labels == c
@@ -253,9 +256,11 @@ def test_kmeans_a_heavy_token_pulls_its_centre():
     # on a line: {0, 1, 2} with weights 1, 1, 8 and, far away, {100, 101} with weights 2, 2
     x = torch.tensor([0.0, 1.0, 2.0, 100.0, 101.0])[None, :, None].expand(1, 5, 2).contiguous()
     w = torch.tensor([[1.0, 1.0, 8.0, 2.0, 2.0]])
-    res = REDUCERS["kmeans"].fn(x, torch.tensor([[1.0, 1.0, 1.0, 2.0, 3.0]]), 2, Signals(significance=w))
-    # the heaviest token (2.0) seeds cluster 0, the first of the tied far tokens seeds cluster 1
-    torch.testing.assert_close(res.tokens[0, :, 0], torch.tensor([(0 + 1 + 2 * 8) / 10, 100.5]))
+    res = REDUCERS["kmeans"].fn(x, torch.tensor([[1.0, 1.0, 1.0, 2.0, 3.0]]), 2, Signals(significance=w),
+                                metric="tokens")
+    # the heaviest token (2.0) seeds cluster 0, the first of the tied far tokens seeds cluster 1; the
+    # output is weighted by significance x size: (100 * 2 * 2 + 101 * 2 * 3) / (4 + 6) = 100.6
+    torch.testing.assert_close(res.tokens[0, :, 0], torch.tensor([(0 + 1 + 2 * 8) / 10, 100.6]))
     assert res.sizes[0].tolist() == [3.0, 5.0]
 
 
@@ -263,7 +268,7 @@ def test_kmeans_never_leaves_a_cluster_empty_even_with_duplicate_seeds():
     # the 3 heaviest tokens are copies of one point, so plain Lloyd would empty two clusters
     ids = torch.tensor([0, 0, 0, 1, 1, 2, 2])
     w = torch.tensor([[3.0, 3.0, 3.0, 1.0, 1.0, 2.0, 2.0]])
-    res = REDUCERS["kmeans"].fn(POINTS[ids][None], torch.ones(1, 7), 3, Signals(significance=w))
+    res = REDUCERS["kmeans"].fn(POINTS[ids][None], torch.ones(1, 7), 3, Signals(significance=w), metric="tokens")
     assert bool((res.sizes > 0).all())
 
 

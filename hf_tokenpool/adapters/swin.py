@@ -27,11 +27,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.swin.modeling_swin import window_partition, window_reverse
+from transformers.models.swin.modeling_swin import SwinLayer, window_partition, window_reverse
 
 from ..config import TokenPoolConfig
 from ..reducers import REDUCERS, Reducer, Signals
-from .vit import project_qkv
+from .vit import pooled_class, project_qkv, restore_class, swap_class
 
 SWIN_MAX_ITERATIONS = 1  # `iterations` is min(config.iterations, this) in Swin windows (module docstring)
 
@@ -41,33 +41,39 @@ class BlockPlan:
     keep: float
     reducer: Reducer
     config: TokenPoolConfig
+    priors: dict[int, tuple[float, ...]]  # window size -> spread prior, computed at patch time
 
 
 @functools.lru_cache(maxsize=None)
-def _spread_prior(ws: int, device) -> torch.Tensor:
-    """Farthest-point order over a ws x ws window, as a score in (0, 1]: with uniform weights the
-    reducers start from the top-scored tokens, so their initial centres are spread over the window."""
-    coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij"), -1).view(-1, 2).float()
-    dist = (coords - coords.mean(0)).norm(dim=-1)
-    order = [int(dist.argmin())]
-    nearest = (coords - coords[order[0]]).norm(dim=-1)
-    for _ in range(ws * ws - 1):
-        nxt = int(nearest.argmax())
+def spread_prior(ws: int) -> tuple[float, ...]:
+    """Farthest-point order over a ws x ws window, as a score in (0, 1] per position (row-major): with
+    uniform weights the reducers start from the top-scored tokens, so their initial centres are spread
+    over the window. Plain Python (no tensors), so it can be cached and computed at patch time."""
+    coords = [(r, c) for r in range(ws) for c in range(ws)]
+    centre = (ws - 1) / 2
+    first = min(range(len(coords)), key=lambda i: math.dist(coords[i], (centre, centre)))
+    order, nearest = [first], [math.dist(p, coords[first]) for p in coords]
+    for _ in range(len(coords) - 1):
+        nxt = max(range(len(coords)), key=lambda i: nearest[i])  # first maximum, as argmax
         order.append(nxt)
-        nearest = torch.minimum(nearest, (coords - coords[nxt]).norm(dim=-1))
-    score = torch.empty(ws * ws)
-    score[torch.tensor(order)] = torch.linspace(1.0, 1.0 / (ws * ws), ws * ws)
-    return score.to(device)
+        nearest = [min(d, math.dist(p, coords[nxt])) for d, p in zip(nearest, coords)]
+    area = ws * ws
+    step = (1.0 / area - 1.0) / max(area - 1, 1)
+    score = [0.0] * area
+    for rank, i in enumerate(order):
+        score[i] = 1.0 + rank * step
+    return tuple(score)
 
 
 @dataclass(frozen=True)
 class WindowLayout:
-    """Per-(window size, shift, grid) constants of a block, computed once (see `_window_layout`).
+    """Per-(window size, shift, grid) constants of a block, from tensor ops on shapes only (so they
+    trace, compile and export as constants).
 
     pad: [nW, area] bool, True at padding positions, or None when the grid needs no padding.
-    num_regions: the most distinct regions (shift regions x real/padding) any one window holds.
-    region_code: [nW, area, num_regions] float32 one-hot of each position's region, numbered per window
-        in the order of upstream's region ids (only equality within a window matters); None if 1 region.
+    num_regions: the number of region ids in use (1: every window is a single region).
+    region_code: [nW, area, num_regions] float32 one-hot of each position's region id (shift region x
+        real/padding, numbered as upstream's get_attn_mask numbers the shift regions); None if 1 region.
     stats: [nW, area, 2 + num_regions] float32: each position's (row, col) in the window, then region_code,
         so that one bmm with the cluster one-hot gives every cluster's coordinate sums and region counts.
     """
@@ -78,39 +84,31 @@ class WindowLayout:
     stats: torch.Tensor
 
 
-def _region_ids(ws, shift, height, width, height_pad, width_pad) -> torch.Tensor:
-    """Region id of every window position: the shifted-window region (as upstream get_attn_mask
-    numbers them), plus 9 for padding positions. [nW, area], windows in window_partition's order."""
-    h_idx, w_idx = torch.arange(height_pad), torch.arange(width_pad)
-    if shift > 0:
+def window_layout(ws: int, shift: int, height: int, width: int, device) -> WindowLayout:
+    height_pad, width_pad = math.ceil(height / ws) * ws, math.ceil(width / ws) * ws
+    padded = height_pad != height or width_pad != width
+    shift_regions = 9 if shift > 0 else 1
+    num_regions = shift_regions * (2 if padded else 1)
+    coords = torch.stack(torch.meshgrid(torch.arange(ws, device=device), torch.arange(ws, device=device),
+                                        indexing="ij"), -1).view(1, -1, 2).float()
+    num_windows = (height_pad // ws) * (width_pad // ws)
+    stats = coords.expand(num_windows, -1, -1)
+    if num_regions == 1:
+        return WindowLayout(pad=None, num_regions=1, region_code=None, stats=stats.contiguous())
+    h_idx, w_idx = torch.arange(height_pad, device=device), torch.arange(width_pad, device=device)
+    if shift > 0:  # upstream get_attn_mask's regions, already in the shifted frame
         h_region = (h_idx >= height_pad - ws).long() + (h_idx >= height_pad - shift).long()
         w_region = (w_idx >= width_pad - ws).long() + (w_idx >= width_pad - shift).long()
     else:
         h_region, w_region = torch.zeros_like(h_idx), torch.zeros_like(w_idx)
-    region = (h_region[:, None] * 3 + w_region[None, :])[None, :, :, None]  # already in the shifted frame
+    region = (h_region[:, None] * 3 + w_region[None, :])[None, :, :, None]
     pad = ((h_idx >= height)[:, None] | (w_idx >= width)[None, :]).long()[None, :, :, None]
     if shift > 0:  # padding is defined in the unshifted frame (SwinLayer.cyclic_shift)
         pad = torch.roll(pad, shifts=(-shift, -shift), dims=(1, 2))
-    ids = region + 9 * pad
-    return window_partition(ids, ws).reshape(-1, ws * ws)
-
-
-@functools.lru_cache(maxsize=256)
-def _window_layout(ws: int, shift: int, height: int, width: int, device) -> WindowLayout:
-    height_pad, width_pad = math.ceil(height / ws) * ws, math.ceil(width / ws) * ws
-    ids = _region_ids(ws, shift, height, width, height_pad, width_pad)  # [nW, area]
-    pad = ids >= 9
-    # per-window rank of each region id (ascending, so argmax ties still go to upstream's lower id)
-    local = torch.stack([torch.unique(row, return_inverse=True)[1] for row in ids])
-    num_regions = int(local.max()) + 1
-    code = F.one_hot(local, num_regions).float() if num_regions > 1 else None
-    coords = torch.stack(torch.meshgrid(torch.arange(ws), torch.arange(ws), indexing="ij"), -1).view(1, -1, 2)
-    stats = coords.float().expand(ids.shape[0], -1, -1)
-    if code is not None:
-        stats = torch.cat([stats, code], dim=-1)
-    return WindowLayout(pad=pad.to(device) if bool(pad.any()) else None, num_regions=num_regions,
-                        region_code=None if code is None else code.to(device),
-                        stats=stats.contiguous().to(device))
+    ids = window_partition(region + shift_regions * pad, ws).reshape(num_windows, ws * ws)
+    code = (ids.unsqueeze(-1) == torch.arange(num_regions, device=device)).float()
+    return WindowLayout(pad=ids >= shift_regions if padded else None, num_regions=num_regions,
+                        region_code=code, stats=torch.cat([stats, code], dim=-1))
 
 
 class TokenPoolSwinLayer(nn.Module):
@@ -137,7 +135,7 @@ class TokenPoolSwinLayer(nn.Module):
                              f"{k}); use a larger keep")
         height, width = input_dimensions
         batch_size, _, channels = hidden_states.shape
-        layout = _window_layout(ws, self.shift_size, height, width, hidden_states.device)
+        layout = window_layout(ws, self.shift_size, height, width, hidden_states.device)
         height_pad, width_pad = math.ceil(height / ws) * ws, math.ceil(width / ws) * ws
 
         grid, _ = self.maybe_pad(hidden_states.view(batch_size, height, width, channels), height, width)
@@ -155,12 +153,14 @@ class TokenPoolSwinLayer(nn.Module):
         if plan.config.method == "tome":
             signals, features = Signals(keys=normed), normed
         else:
-            prior = _spread_prior(ws, normed.device)
-            signals = Signals(significance=1.0 + 1e-3 * prior.expand_as(ones))
+            prior = plan.priors.get(ws) or spread_prior(ws)  # patch time covers the usual window sizes
+            signals = Signals(significance=1.0 + 1e-3 * torch.tensor(prior, device=normed.device).expand_as(ones))
             features = normed
             if layout.region_code is not None:
                 code = (layout.region_code * (10.0 * math.sqrt(channels))).to(normed.dtype).repeat(batch_size, 1, 1)
                 features = torch.cat([normed, code], dim=-1)
+            if "metric" in options:
+                options["metric"] = "tokens"  # the normed tokens (+ region code) are the features here
             if plan.config.method == "tokenpool":
                 options["output"] = "assign"  # only the assignment: the means below are of the raw tokens
         assign = plan.reducer.fn(features, ones, k, signals, **options).assign  # [B*nW, area]
@@ -173,7 +173,8 @@ class TokenPoolSwinLayer(nn.Module):
 
         # 2. the block on the centres, with Swin's geometry carried over to the clusters
         bias = self._cluster_bias(stats, sizes, ws, layout.num_regions, plan.config.proportional_attention)
-        attention_output = self.drop_path(self.dropout(self._attention(self.layernorm_before(centres), bias)))
+        attention_output, probs = self._attention(self.layernorm_before(centres), bias)
+        attention_output = self.drop_path(self.dropout(attention_output))
         updated = centres + attention_output
         delta = attention_output + self.dropout(self.mlp(self.layernorm_after(updated)))  # = updated' - centres
 
@@ -182,7 +183,11 @@ class TokenPoolSwinLayer(nn.Module):
         grid = self.cyclic_shift(window_reverse(windows, ws, height_pad, width_pad), reverse=True)
         if height_pad != height or width_pad != width:
             grid = grid[:, :height, :width, :].contiguous()
-        return grid.reshape(batch_size, height * width, channels), None
+        attn_weights = None
+        if self.attention.config._attn_implementation == "eager":  # upstream returns maps only then
+            # per token: each cluster's attention spread evenly over its members, [B*nW, heads, area, area]
+            attn_weights = members.transpose(1, 2)[:, None] @ probs @ (members / sizes.unsqueeze(-1))[:, None]
+        return grid.reshape(batch_size, height * width, channels), attn_weights
 
     def _cluster_bias(self, stats, sizes, ws, num_regions, proportional):
         """[B*nW, heads, k, k] additive attention bias between clusters.
@@ -211,17 +216,18 @@ class TokenPoolSwinLayer(nn.Module):
         return bias + mask[:, None].to(bias.dtype)
 
     def _attention(self, hidden_states, bias):
-        """SwinAttention's projections and SDPA, with a [W, heads, k, k] bias (mirrors SwinAttention.forward)."""
+        """SwinAttention's projections and attention, with a [W, heads, k, k] bias (mirrors
+        SwinAttention.forward). An explicit softmax rather than SDPA: windows hold a few dozen clusters,
+        where SDPA gains nothing, and torch 2.13's ONNX exporter fails to decompose SDPA here (it cannot
+        export the plain HF Swin either), while this exports."""
         attn = self.attention
         b, n, _ = hidden_states.shape
         q, key, v = project_qkv(attn, hidden_states)
-        dropout = attn.attention_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, key, v, attn_mask=bias.to(q.dtype), dropout_p=dropout,
-                                             scale=attn.scaling)
-        return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
-
-
-_SUBCLASSES: dict[type, type] = {}
+        logits = torch.matmul(q, key.transpose(2, 3)) * attn.scaling + bias.to(q.dtype)
+        probs = logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+        probs = F.dropout(probs, p=attn.attention_dropout, training=self.training)
+        out = torch.matmul(probs, v)
+        return attn.o_proj(out.transpose(1, 2).contiguous().reshape(b, n, -1)), probs
 
 
 class SwinAdapter:
@@ -239,25 +245,23 @@ class SwinAdapter:
 
     def patch(self, base, config: TokenPoolConfig) -> None:
         blocks = self.blocks(base)
-        if config.schedule is not None:
-            keeps = config.layer_keeps(len(blocks))  # one keep per block
-        elif config.pool_after is not None:
-            keeps = [config.keep if i in config.pool_after else 1.0 for i in range(len(blocks))]
+        if config.schedule is not None or config.pool_after is not None:
+            keeps = config.layer_keeps(len(blocks))  # one keep per block; checks pool_after's range
         else:
             keeps = [config.keep] * len(blocks)  # every block computes on pooled windows
         reducer = REDUCERS[config.method]
         for block, keep in zip(blocks, keeps):
-            cls = type(block)
-            if cls not in _SUBCLASSES:
-                _SUBCLASSES[cls] = type(f"TokenPool{cls.__name__}", (TokenPoolSwinLayer, cls),
-                                        {"_tokenpool_original": cls})
-            block._tokenpool = BlockPlan(keep, reducer, config)
-            block.__class__ = _SUBCLASSES[cls]
+            sizes = {block.window_size, min(block.input_resolution)}  # upstream shrinks ws to a small grid
+            priors = {ws: spread_prior(ws) for ws in sizes if ws <= block.window_size}
+            block._tokenpool = BlockPlan(keep, reducer, config, priors)
+            swap_class(block, TokenPoolSwinLayer)
 
     def unpatch(self, base) -> None:
         for block in self.blocks(base):
-            block.__class__ = block._tokenpool_original
-            block.__dict__.pop("_tokenpool", None)
+            restore_class(block, "_tokenpool")
 
     def is_patched(self, base) -> bool:
         return any("_tokenpool" in block.__dict__ for block in self.blocks(base))
+
+
+pooled_class(TokenPoolSwinLayer, SwinLayer)

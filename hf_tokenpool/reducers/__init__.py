@@ -24,8 +24,8 @@ class Reducer:
 
 
 REDUCERS: dict[str, Reducer] = {
-    "tokenpool": Reducer(tokenpool, frozenset({"significance"}), frozenset({"iterations", "output"})),
-    "kmeans": Reducer(kmeans, frozenset({"significance"}), frozenset({"iterations"})),
+    "tokenpool": Reducer(tokenpool, frozenset({"significance", "keys"}), frozenset({"iterations", "output", "metric"})),
+    "kmeans": Reducer(kmeans, frozenset({"significance", "keys"}), frozenset({"iterations", "metric"})),
     "tome": Reducer(tome, frozenset({"keys"})),
     "topk": Reducer(topk, frozenset({"cls_attention"})),
 }

@@ -52,6 +52,23 @@ def check_reduce_args(tokens: torch.Tensor, sizes: torch.Tensor, k: int) -> None
         raise ValueError(f"cannot keep k={k} tokens out of {n}: k must be in [1, {n}]")
 
 
+def stable_descending_order(values: torch.Tensor) -> torch.Tensor:
+    """[B, N] indices that sort each row of `values` [B, N] descending, ties going to the lower index.
+
+    torch.topk promises no order among equal values, and a stable sort (`sort(stable=True)`) has no
+    ONNX counterpart, so the order is built from ranks: token i's rank is the number of tokens that
+    come before it (larger, or equal at a lower index), and the ranks are a permutation that one
+    scatter inverts. O(N^2) comparisons, no data-dependent control flow; exports, compiles and traces,
+    and gives the same result on every device.
+    """
+    n = values.shape[-1]
+    v_i, v_j = values.unsqueeze(-1), values.unsqueeze(-2)  # [B, i, j]
+    idx = torch.arange(n, device=values.device)
+    before = (v_j > v_i) | ((v_j == v_i) & (idx.view(1, n) < idx.view(n, 1)))  # j comes before i
+    rank = before.sum(-1)
+    return torch.empty_like(rank).scatter_(-1, rank, idx.expand_as(rank))
+
+
 def identity_result(tokens: torch.Tensor, sizes: torch.Tensor) -> PoolResult:
     """k == N: nothing to pool; every token is its own cluster."""
     b, n, _ = tokens.shape

@@ -3,24 +3,24 @@
 Same weights (significance) and the same initialisation (the k most significant tokens) as
 WK-Medoids, but centres are free points: each round assigns tokens to the nearest centre and moves
 every centre to the weighted mean of its members. Distances to k centres are recomputed every round
-(a [B, N, C] x [B, C, k] matmul), which is what makes it dearer than K-Medoids per iteration.
+(a [B, N, D] x [B, D, k] matmul), which is what makes it dearer than K-Medoids per iteration.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .base import PoolResult, Signals, check_reduce_args, cluster_sizes, identity_result, weighted_mean
-from .tokenpool import heaviest, significance_weights
+from .tokenpool import clustering_features, heaviest, significance_weights
 
 
 def _sq_dist(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
     """[B, N, k] squared Euclidean distances, float32."""
-    return ((x * x).sum(-1, keepdim=True) + (centres * centres).sum(-1).unsqueeze(1) - 2 * x @ centres.transpose(1, 2)).clamp_min_(0)
+    return ((x * x).sum(-1, keepdim=True) + (centres * centres).sum(-1).unsqueeze(1) - 2 * x @ centres.transpose(1, 2)).clamp_min(0)
 
 
-def kmeans(tokens: torch.Tensor, sizes: torch.Tensor, k: int, signals: Signals, *, iterations: int = 5) -> PoolResult:
+def kmeans(tokens: torch.Tensor, sizes: torch.Tensor, k: int, signals: Signals, *, iterations: int = 5,
+           metric: str = "keys") -> PoolResult:
     """Reduce [B, N, C] tokens to the k centres of significance-weighted K-Means.
 
     Every cluster keeps an *anchor*: one member forced into it at the next assignment (at first its
@@ -29,36 +29,32 @@ def kmeans(tokens: torch.Tensor, sizes: torch.Tensor, k: int, signals: Signals, 
     empty cluster would be an output token that stands for no patch at all (size 0). In the ordinary
     case the anchor is nearest to its own centre anyway, so the forcing changes nothing.
 
-    The output tokens are the significance-weighted means of the final clusters (differentiable with
-    respect to the tokens); iterations stop early once the assignment stops changing.
+    metric: cluster the head-averaged keys ("keys", signals.keys) or the tokens ("tokens").
+    The output tokens are the significance x size weighted means of the final clusters (differentiable
+    with respect to the tokens). All `iterations` rounds always run: no early exit, no host sync.
     """
     check_reduce_args(tokens, sizes, k)
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     w = significance_weights(signals, tokens, "kmeans")
+    features = clustering_features(tokens, signals, metric, "kmeans")
     b, n, _ = tokens.shape
     if k == n:
         return identity_result(tokens, sizes)
 
     with torch.no_grad():
-        x = tokens.detach().float()
+        x, wd = features, w.detach()
         arange_k = torch.arange(k, device=tokens.device).expand(b, k)
         anchors = heaviest(w, k)  # [B, k]
         centres = x.gather(1, anchors.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        assign = None
-        for step in range(iterations + 1):  # the last pass is the final assignment
+        assign = _sq_dist(x, centres).argmin(-1).scatter(1, anchors, arange_k)
+        for _ in range(iterations):
+            centres = weighted_mean(x, wd, assign, k)
             dist = _sq_dist(x, centres)
-            if assign is not None:
-                own = F.one_hot(assign, k).bool()  # previous membership [B, N, k]
-                anchors = dist.masked_fill(~own, float("inf")).argmin(1)
-            new = dist.argmin(-1).scatter(1, anchors, arange_k)
-            if assign is not None and torch.equal(new, assign):
-                break  # converged: the centres would not move again
-            assign = new
-            if step == iterations:
-                break
-            centres = weighted_mean(x, w, assign, k)
+            own = assign.unsqueeze(-1) == arange_k.unsqueeze(1)  # previous membership [B, N, k]
+            anchors = dist.masked_fill(~own, float("inf")).argmin(1)
+            assign = dist.argmin(-1).scatter(1, anchors, arange_k)
 
-    out = weighted_mean(tokens.float(), w, assign, k).to(tokens.dtype)
+    out = weighted_mean(tokens.float(), w * sizes.float(), assign, k).to(tokens.dtype)
     new_sizes = cluster_sizes(sizes.float(), assign, k).to(sizes.dtype)
     return PoolResult(out, new_sizes, assign)

@@ -2,17 +2,36 @@
 
 Tokens are clustered by squared Euclidean distance, each token weighted by its significance (the
 attention it receives), and every cluster is replaced by one token. Medoids are restricted to real
-tokens, so the pairwise distance matrix is computed once per call and every iteration after that is
-a gather, a batched matmul and an argmin: no Python loop over images.
+tokens, so the pairwise distance matrix is computed once per call.
+
+Cost. The distances are one [N, D] x [D, N] product per image, with D the clustering features:
+the head-averaged attention keys by default (ToMe's metric; 64-d for ViT-B instead of 768-d hidden
+states). An update round is O(N^2) element-wise work: the cost of making token m its cluster's
+medoid only sums over m's own cluster, sum_j w_j D[j, m] [cluster(j) == cluster(m)], so it is one
+masked reduction of the (precomputed) weighted distance matrix, not a dense [k, N] x [N, N] product.
+
+Deployability. A fixed number of rounds, no early exit and no data-dependent Python branch: nothing
+in here synchronises with the host, so it compiles without graph breaks, exports (torch.export,
+ONNX) and traces. K-Medoids reaches a fixed point (the same medoids give the same assignment), so
+the rounds after convergence change nothing and the result equals an early-exit loop's.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .base import PoolResult, Signals, check_reduce_args, cluster_sizes, identity_result, weighted_mean
+from .base import (
+    PoolResult,
+    Signals,
+    check_reduce_args,
+    cluster_sizes,
+    identity_result,
+    stable_descending_order,
+    weighted_mean,
+)
 
 OUTPUTS = ("mean", "medoid", "assign")  # "assign" is for adapters (Swin), not a config setting
+METRICS = ("keys", "tokens")
 
 
 def significance_weights(signals: Signals, tokens: torch.Tensor, name: str) -> torch.Tensor:
@@ -32,13 +51,35 @@ def significance_weights(signals: Signals, tokens: torch.Tensor, name: str) -> t
     return torch.where(mean > 0, torch.maximum(w, 1e-6 * mean), torch.ones_like(w))
 
 
+def clustering_features(tokens: torch.Tensor, signals: Signals, metric: str, name: str) -> torch.Tensor:
+    """The float32 [B, N, D] points that are clustered: head-averaged keys or the tokens themselves."""
+    if metric not in METRICS:
+        raise ValueError(f"{name} metric must be one of {METRICS}, got {metric!r}")
+    if metric == "tokens":
+        return tokens.detach().float()
+    if signals.keys is None:
+        raise ValueError(f"{name} with metric='keys' needs signals.keys (attention keys averaged over heads); got None")
+    if signals.keys.dim() != 3 or signals.keys.shape[:2] != tokens.shape[:2]:
+        raise ValueError(f"keys must be [batch, num_tokens, dim] with batch, num_tokens = {tuple(tokens.shape[:2])}, "
+                         f"got {tuple(signals.keys.shape)}")
+    return signals.keys.detach().float()
+
+
 def heaviest(weights: torch.Tensor, k: int) -> torch.Tensor:
     """Indices [B, k] of the k largest weights, ties going to the lower index.
 
-    torch.topk does not promise an order among equal values; a stable descending sort does, so the
-    initialisation (and thus the whole result) is deterministic and the same on every device.
+    A deterministic order (see `stable_descending_order`) makes the initialisation, and thus the whole
+    result, the same on every device and in every export format.
     """
-    return weights.sort(dim=-1, descending=True, stable=True).indices[:, :k]
+    return stable_descending_order(weights)[:, :k]
+
+
+def pairwise_sq_dist(x: torch.Tensor) -> torch.Tensor:
+    """[B, N, N] squared Euclidean distances of float32 [B, N, D] points, exact zeros on the diagonal."""
+    sq = (x * x).sum(-1)
+    dist = torch.baddbmm(sq.unsqueeze(2) + sq.unsqueeze(1), x, x.transpose(1, 2), alpha=-2).clamp_min(0)
+    eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
+    return dist.masked_fill(eye, 0.0)  # where the expansion's rounding would not give exact zeros
 
 
 def _nearest(dist: torch.Tensor, medoids: torch.Tensor) -> torch.Tensor:
@@ -55,6 +96,26 @@ def _nearest(dist: torch.Tensor, medoids: torch.Tensor) -> torch.Tensor:
     return assign.scatter(1, medoids, torch.arange(k, device=dist.device).expand(b, k))
 
 
+def kmedoids(dist: torch.Tensor, w: torch.Tensor, k: int, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted K-Medoids on a [B, N, N] distance matrix: (medoids [B, k], assign [B, N]).
+
+    Initialised with the k heaviest tokens; each round assigns every token to its nearest medoid,
+    then moves each medoid to the member m with the lowest cost sum_{j in cluster} w_j D[j, m].
+    """
+    b, n, _ = dist.shape
+    arange_k = torch.arange(k, device=dist.device)
+    weighted = w.unsqueeze(2) * dist  # [B, j, m] = w_j D[j, m], once for every round
+    medoids = heaviest(w, k)
+    assign = _nearest(dist, medoids)
+    for _ in range(iterations):
+        same = assign.unsqueeze(2) == assign.unsqueeze(1)  # [B, j, m]: j and m share a cluster
+        cost = torch.where(same, weighted, 0.0).sum(1)  # [B, m]: cost of m as its own cluster's medoid
+        member = assign.unsqueeze(1) == arange_k.view(1, k, 1)  # [B, k, N]
+        medoids = cost.unsqueeze(1).masked_fill(~member, float("inf")).argmin(-1)  # [B, k]; no cluster is empty
+        assign = _nearest(dist, medoids)
+    return medoids, assign
+
+
 def tokenpool(
     tokens: torch.Tensor,
     sizes: torch.Tensor,
@@ -63,19 +124,21 @@ def tokenpool(
     *,
     iterations: int = 5,
     output: str = "mean",
+    metric: str = "keys",
+    size_weighted: bool = True,
 ) -> PoolResult:
     """Reduce [B, N, C] tokens to k clusters by significance-weighted K-Medoids.
 
-    output="mean": each cluster becomes the significance-weighted mean of its members (the point that
-        minimises the same weighted squared error the clustering minimises, and differentiable with
-        respect to every member). Sizes are *not* multiplied into the weight: significance is measured
-        on the current tokens, whose attention already reflects how much they stand for, and the
-        sizes are carried separately in PoolResult.sizes.
+    metric="keys": cluster the head-averaged attention keys (signals.keys); "tokens": the tokens.
+    output="mean": each cluster becomes the mean of its members weighted by significance x size (the
+        attention a token receives times the patches it stands for), so repeated pooling stays a
+        weighted mean of the original patches; differentiable with respect to every member.
     output="medoid": each cluster becomes its medoid token, as in the public re-implementation.
     output="assign": only the assignment is computed; the result's tokens and sizes are None (for an
         adapter that pools other tensors than the clustering features, as Swin does).
     iterations: assignment/update rounds after the top-k-by-weight initialisation (the paper reports
-        convergence in about 5); the loop stops early once no medoid moves in the whole batch.
+        convergence in about 5); always run in full (see the module docstring).
+    size_weighted: False weighs the output mean by significance alone (the ablation in docs/fidelity.md).
     """
     check_reduce_args(tokens, sizes, k)
     if output not in OUTPUTS:
@@ -83,36 +146,17 @@ def tokenpool(
     if iterations < 0:
         raise ValueError(f"iterations must be >= 0, got {iterations}")
     w = significance_weights(signals, tokens, "tokenpool")
-    b, n, _ = tokens.shape
-    if k == n:
+    x = clustering_features(tokens, signals, metric, "tokenpool")
+    if k == tokens.shape[1]:
         return identity_result(tokens, sizes)
 
     with torch.no_grad():  # the clustering itself is discrete; gradients flow through the output only
-        x = tokens.detach().float()  # bf16 distances would tie far too often
-        sq = (x * x).sum(-1)
-        dist = torch.baddbmm(sq.unsqueeze(2) + sq.unsqueeze(1), x, x.transpose(1, 2), alpha=-2).clamp_min_(0)
-        dist.diagonal(dim1=1, dim2=2).zero_()  # exact zeros where rounding of the expansion would not give them
-
-        medoids = heaviest(w, k)  # [B, k] token indices
-        for _ in range(iterations):
-            assign = _nearest(dist, medoids)
-            # member_w[b, c, j] = w_j if token j is in cluster c else 0 (laid out [B, k, N] so the
-            # argmin below runs over the contiguous last dim)
-            member_w = w.new_zeros(b, k, n).scatter_(1, assign.unsqueeze(1), w.unsqueeze(1))
-            # cost[b, c, m] = sum_{j in c} w_j D[j, m]: the weighted cost of making token m the medoid
-            # of cluster c (D is symmetric); only members of c are candidates.
-            cost = member_w @ dist
-            cost.masked_fill_(member_w == 0, float("inf"))  # weights are > 0, so 0 means "not a member"
-            new = cost.argmin(-1)  # [B, k]; every cluster holds its forced medoid, so none is empty
-            if torch.equal(new, medoids):
-                break
-            medoids = new
-        assign = _nearest(dist, medoids)
+        medoids, assign = kmedoids(pairwise_sq_dist(x), w.detach(), k, iterations)
 
     if output == "assign":
         return PoolResult(None, None, assign)
     if output == "mean":
-        out = weighted_mean(tokens.float(), w, assign, k).to(tokens.dtype)
+        out = weighted_mean(tokens.float(), w * sizes.float() if size_weighted else w, assign, k).to(tokens.dtype)
     else:
         out = tokens.gather(1, medoids.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
     new_sizes = cluster_sizes(sizes.float(), assign, k).to(sizes.dtype)

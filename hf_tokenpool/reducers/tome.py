@@ -11,7 +11,15 @@ from __future__ import annotations
 
 import torch
 
-from .base import PoolResult, Signals, check_reduce_args, cluster_sizes, identity_result, weighted_mean
+from .base import (
+    PoolResult,
+    Signals,
+    check_reduce_args,
+    cluster_sizes,
+    identity_result,
+    stable_descending_order,
+    weighted_mean,
+)
 
 
 def _match_round(keys: torch.Tensor, r: int) -> torch.Tensor:
@@ -26,14 +34,12 @@ def _match_round(keys: torch.Tensor, r: int) -> torch.Tensor:
     a, bb = metric[:, ::2], metric[:, 1::2]
     n_a, n_b = a.shape[1], bb.shape[1]
     best, match = (a @ bb.transpose(1, 2)).max(-1)  # [B, n_a]: each A token's best B partner
-    order = best.sort(dim=-1, descending=True, stable=True).indices  # stable: ties go to the lower index
-    merged = order[:, :r]
-    kept = order[:, r:].sort(-1).values
+    order = stable_descending_order(best)  # ties go to the lower index
     n_kept = n_a - r
-
-    a_assign = torch.empty(b, n_a, dtype=torch.long, device=keys.device)
-    a_assign.scatter_(1, kept, torch.arange(n_kept, device=keys.device).expand(b, n_kept))
-    a_assign.scatter_(1, merged, n_kept + match.gather(1, merged))
+    merged = torch.zeros(b, n_a, dtype=torch.long, device=keys.device)
+    kept = merged.scatter(1, order[:, :r], torch.ones_like(order[:, :r])) == 0
+    # kept A tokens take rows 0 .. n_kept - 1 in their original order; merged ones their B match's row
+    a_assign = torch.where(kept, kept.long().cumsum(-1) - 1, n_kept + match)
     assign = torch.empty(b, n, dtype=torch.long, device=keys.device)
     assign[:, ::2] = a_assign
     assign[:, 1::2] = n_kept + torch.arange(n_b, device=keys.device)

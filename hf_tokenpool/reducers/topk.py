@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import PoolResult, Signals, check_reduce_args, cluster_sizes, identity_result
+from .base import PoolResult, Signals, check_reduce_args, cluster_sizes, identity_result, stable_descending_order
 
 
 def topk(tokens: torch.Tensor, sizes: torch.Tensor, k: int, signals: Signals) -> PoolResult:
@@ -25,8 +25,8 @@ def topk(tokens: torch.Tensor, sizes: torch.Tensor, k: int, signals: Signals) ->
     if k == n:
         return identity_result(tokens, sizes)
 
-    # stable descending sort: a deterministic choice among equal attentions, same on every device
-    order = attn.detach().float().sort(dim=-1, descending=True, stable=True).indices
+    # a deterministic choice among equal attentions, the same on every device and export format
+    order = stable_descending_order(attn.detach().float())
     keep, rest = order[:, : k - 1], order[:, k - 1 :]
     assign = torch.full((b, n), k - 1, dtype=torch.long, device=tokens.device)
     assign.scatter_(1, keep, torch.arange(k - 1, device=tokens.device).expand(b, k - 1))
