@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, fields
 METHODS = ("tokenpool", "kmeans", "tome", "topk")
 OUTPUTS = ("mean", "medoid")
 LOCATIONS = ("before_mlp", "after_layer")
-METRICS = ("keys", "tokens")
+METRICS = ("auto", "tokens", "keys")
 LEGACY_DEFAULTS = {"pool_location": "after_layer", "metric": "tokens"}
 CONFIG_KEY = "token_pooling"  # attribute of `model.config` (and key of config.json) that carries the settings
 
@@ -63,9 +63,10 @@ class TokenPoolConfig:
                   "attention and MLP (ToMe's place: the MLP already runs on the reduced tokens) or after the layer."},
     )
     metric: str = field(
-        default="keys",
-        metadata={"help": f"Clustering features of tokenpool and kmeans (ViT/DeiT), one of {METRICS}: the attention "
-                  "keys averaged over heads (ToMe's metric, head_dim wide) or the hidden states."},
+        default="auto",
+        metadata={"help": f"Clustering features of tokenpool and kmeans (ViT/DeiT), one of {METRICS}: the hidden "
+                  "states, the attention keys averaged over heads (ToMe's metric, head_dim wide, cheaper), or auto: "
+                  "the hidden states while a layer has no more tokens than channels, else the keys."},
     )
     iterations: int = field(default=5, metadata={"help": "Clustering rounds (tokenpool, kmeans); always run in full."})
     output: str = field(

@@ -69,9 +69,10 @@ def time_interleaved(models: dict[str, nn.Module], pixel_values: torch.Tensor, *
     """Images/s of several models on the same batch, timed in turn (A, B, A, B, ...) so that a change
     in machine load hits every contender alike. Each model first runs `warmup` untimed forwards.
 
-    Returns {name: {"images_per_second": median, "min": slowest, "max": fastest, "repeats": n}} (the
-    spread as images/s of the slowest and fastest of the n timed forwards). CUDA work is synchronised
-    around each clock read.
+    Returns {name: {"images_per_second": median, "min": slowest, "max": fastest, "repeats": n,
+    "seconds": [each timed forward]}} (the spread as images/s of the slowest and fastest of the n timed
+    forwards; "seconds" in timing order, so that ratios can be paired repeat by repeat). CUDA work is
+    synchronised around each clock read.
     """
     if not models:
         raise ValueError("time_interleaved needs at least one model")
@@ -93,7 +94,7 @@ def time_interleaved(models: dict[str, nn.Module], pixel_values: torch.Tensor, *
             m.train(modes[name])
     batch = pixel_values.shape[0]
     return {name: {"images_per_second": batch / statistics.median(ts), "min": batch / max(ts),
-                   "max": batch / min(ts), "repeats": len(ts)} for name, ts in times.items()}
+                   "max": batch / min(ts), "repeats": len(ts), "seconds": ts} for name, ts in times.items()}
 
 
 def images_per_second(model: nn.Module, pixel_values: torch.Tensor, *, warmup: int = 2, repeats: int = 7) -> float:

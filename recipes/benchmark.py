@@ -17,6 +17,7 @@ Markdown table.
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import importlib.util
 import json
@@ -56,12 +57,13 @@ METHODS = ("none", "tokenpool", "kmeans", "tome", "topk")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["all", "shapes", "checkpoints", "none"], default="all",
-                        help="all: checkpoints and shapes; none: only --model_name_or_path")
+    parser.add_argument("--suite", choices=["all", "shapes", "checkpoints", "reducer_cost", "fidelity", "none"],
+                        default="all", help="all: checkpoints and shapes; reducer_cost: the reducers' FLOPs at "
+                        "196-4096 tokens; fidelity: recipes/fidelity.py's suite; none: only --model_name_or_path")
     parser.add_argument("--model_name_or_path", action="append", default=[],
                         help="extra model(s): Hub id or local folder (repeatable)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS[1:]), choices=METHODS[1:])
-    parser.add_argument("--keeps", nargs="+", type=float, default=[0.5, 0.6, 0.7, 0.8])
+    parser.add_argument("--keeps", nargs="*", type=float, default=[0.5, 0.6, 0.7, 0.8])
     parser.add_argument("--target_flops", nargs="*", type=float, default=[0.5, 0.6, 0.7],
                         help="also rows solved to these FLOPs budgets (fractions of the plain model)")
     parser.add_argument("--budget_methods", nargs="*", default=["tokenpool"], choices=METHODS[1:],
@@ -69,8 +71,13 @@ def parse_args(argv=None):
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                         help="extra TokenPoolConfig setting for every pooled row, e.g. output=medoid, "
                              "proportional_attention=false or schedule=[0.6,0.6,1] (repeatable)")
-    parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3, help="timed forwards per row (median), after --warmup")
+    parser.add_argument("--schedules", nargs="*", default=[],
+                        help="also rows at these named schedules for every method: steps-K, layer-K or r-R "
+                             "(R fewer patch tokens in every layer, ToMe's schedule); see recipes/fidelity.py")
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=[8, 1],
+                        help="speed is measured at each (the first is the one in the summary tables)")
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="timed forwards per model and batch size, plain and pooled alternating (median)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed forwards per row before timing")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--eval_samples", type=int, default=2000,
@@ -101,6 +108,8 @@ def parse_args(argv=None):
         tp.TokenPoolConfig(**args.options)
     except (TypeError, ValueError) as err:
         parser.error(f"--option: {err}")
+    for name in args.schedules:
+        _fidelity().schedule_settings(name, 12)  # a malformed name fails here, not mid-sweep
     if args.suite == "none" and not args.model_name_or_path:
         parser.error("--suite none needs at least one --model_name_or_path")
     return args
@@ -129,6 +138,66 @@ class ReducerClock:
     def __exit__(self, *exc):
         for name, fn in self._saved.items():
             object.__setattr__(REDUCERS[name], "fn", fn)
+
+
+class ReducerFlops(ReducerClock):
+    """FLOPs counted inside the reducer functions during a forward (torch's counter, nested)."""
+
+    def __enter__(self):
+        self.flops = 0
+        for name, reducer in REDUCERS.items():
+            self._saved[name] = reducer.fn
+
+            def counted(*args, _fn=reducer.fn, **kwargs):
+                with tp.flops.flop_counter_mode() as inner:
+                    out = _fn(*args, **kwargs)
+                self.flops += inner.get_total_flops()
+                return out
+
+            object.__setattr__(reducer, "fn", counted)
+        return self
+
+
+# ViT-B at the four token counts of issue #10: (patch size, image size) -> patch tokens
+REDUCER_COST_SHAPES = {"vit-b16-224": (16, 224), "vit-b16-384": (16, 384), "vit-b14-518": (14, 518),
+                       "vit-b16-1024": (16, 1024)}
+
+
+@torch.no_grad()
+def reducer_cost_rows(args) -> list[dict]:
+    """Each reducer's own FLOPs as a share of the plain model's, ViT-B at 196, 576, 1369 and 4096 patch
+    tokens, keep=0.6 on the default schedule. Counted on the meta device: shapes only, nothing runs."""
+    rows = []
+    for name, (patch, size) in REDUCER_COST_SHAPES.items():
+        with torch.device("meta"):
+            model = ViTForImageClassification(ViTConfig(image_size=size, patch_size=patch, num_labels=1000)).eval()
+        pixels = torch.empty(1, 3, size, size, device="meta")
+        plain = tp.count_flops(model, pixels)
+        for method in args.methods:
+            for metric in (("auto", "keys", "tokens") if method in ("tokenpool", "kmeans") else (None,)):
+                options = {"metric": metric} if metric else {}
+                tp.patch_model(model, keep=0.6, method=method, **options, **args.options)
+                with ReducerFlops() as counter:
+                    total = tp.count_flops(model, pixels)
+                tp.unpatch_model(model)
+                rows.append({"model": name, "patch_tokens": (size // patch) ** 2, "method": method, "metric": metric,
+                             "plain_gflops": plain / 1e9, "pooled_gflops": total / 1e9,
+                             "reducer_gflops": counter.flops / 1e9, "reducer_share_of_plain": counter.flops / plain})
+                print(f"{name} {method} {metric or ''}: reducer {counter.flops / 1e9:.3f} GFLOPs = "
+                      f"{100 * counter.flops / plain:.2f}% of plain {plain / 1e9:.1f}", flush=True)
+    return rows
+
+
+def reducer_cost_markdown(rows) -> str:
+    cols = list(dict.fromkeys((r["method"], r["metric"]) for r in rows))
+    head = " | ".join(m + (f" ({k})" if k else "") for m, k in cols)
+    text = f"| model | patch tokens | plain GFLOPs | {head} |\n|---|---|---|{'---|' * len(cols)}\n"
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = {(r["method"], r["metric"]): r for r in rows if r["model"] == model}
+        first = next(iter(mine.values()))
+        text += (f"| {model} | {first['patch_tokens']} | {first['plain_gflops']:.1f} | "
+                 + " | ".join(f"{100 * mine[c]['reducer_share_of_plain']:.2f}%" for c in cols) + " |\n")
+    return text
 
 
 @torch.no_grad()
@@ -185,59 +254,95 @@ def load_eval_data(folder, args):
     return pixels.to(args.device), labels
 
 
+def speed(plain, pooled, batches: dict, args) -> dict:
+    """Per batch size: plain and pooled timed alternately (tp.time_interleaved), the speed-up as the
+    median of the repeat-by-repeat ratios, with its min and max."""
+    out = {}
+    for size, batch in batches.items():
+        t = tp.time_interleaved({"plain": plain, "pooled": pooled}, batch, warmup=args.warmup, repeats=args.repeats)
+        ratios = sorted(a / b for a, b in zip(t["plain"]["seconds"], t["pooled"]["seconds"]))
+        out[size] = {"plain_images_per_s": t["plain"]["images_per_second"],
+                     "images_per_s": t["pooled"]["images_per_second"], "speedup": statistics.median(ratios),
+                     "speedup_min": ratios[0], "speedup_max": ratios[-1], "repeats": args.repeats}
+    return out
+
+
 def rows_for_model(name, model, args, eval_data=None):
     device = torch.device(args.device)
     model = model.to(device).eval()
     size = model.config.image_size
     torch.manual_seed(0)
-    batch = torch.randn(args.batch_size, model.config.num_channels, size, size, device=device)
-    one = batch[:1]
+    batches = {b: torch.randn(b, model.config.num_channels, size, size, device=device) for b in args.batch_sizes}
+    one = next(iter(batches.values()))[:1]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    forward = lambda: model(pixel_values=batch)  # noqa: E731  (plain or pooled: patching swaps classes in place)
     reset_peak_memory = torch.cuda.reset_peak_memory_stats if device.type == "cuda" else (lambda: None)
     plain_flops = tp.count_flops(model, one)
     plain_acc = top1(model, *eval_data) if eval_data else None
-    settings = [("none", 1.0, None)]
-    settings += [(m, k, None) for m in args.methods for k in args.keeps]
-    settings += [(m, None, t) for m in args.budget_methods for t in args.target_flops]
     adapter = tp.ADAPTERS[model.config.model_type]
+    num_layers = adapter.num_layers(model.base_model)
+    settings = [("none", None, {})]
+    settings += [(m, None, {"keep": k}) for m in args.methods for k in args.keeps]
+    settings += [(m, s, _fidelity().schedule_settings(s, num_layers, _num_patches(model, one)))
+                 for m in args.methods for s in args.schedules]
+    settings += [(m, None, {"target_flops": t}) for m in args.budget_methods for t in args.target_flops]
     rows = []
-    for method, keep, target in tqdm(settings, desc=name, leave=False):
+    for method, schedule, options in tqdm(settings, desc=name, leave=False):
         if method != "none" and method not in adapter.methods:
             continue
-        if method == "none":  # always the first row: the plain time every pooled row is compared with
-            flops, acc, speedup, reducer_share = plain_flops, plain_acc, 1.0, 0.0
-            reset_peak_memory()
-            t_plain, _ = timed(forward, args.repeats, sync, args.warmup)
-            ips = plain_ips = args.batch_size / t_plain
-            solved_keep = 1.0
+        target = options.get("target_flops")
+        if method == "none":
+            flops, acc, reducer_share, solved_keep, pooled = plain_flops, plain_acc, 0.0, 1.0, None
             tokens = tokens_per_layer(model, one)
+            timing = {b: {"plain_images_per_s": tp.time_interleaved({"plain": model}, x, warmup=args.warmup,
+                                                                    repeats=args.repeats)["plain"]["images_per_second"],
+                          "speedup": 1.0, "speedup_min": 1.0, "speedup_max": 1.0} for b, x in batches.items()}
+            for t in timing.values():
+                t["images_per_s"] = t["plain_images_per_s"]
         else:
-            options = {"target_flops": target} if target is not None else {"keep": keep}
-            tp.patch_model(model, method=method, **options, **args.options)
-            solved_keep = model.config.token_pooling["keep"]
-            flops = tp.count_flops(model, one)
-            tokens = tokens_per_layer(model, one)
-            acc = top1(model, *eval_data) if eval_data else None
+            pooled = tp.patch_model(copy.deepcopy(model), method=method, **options, **args.options)
+            solved_keep = pooled.config.token_pooling["keep"]
+            flops = tp.count_flops(pooled, one)
+            tokens = tokens_per_layer(pooled, one)
+            acc = top1(pooled, *eval_data) if eval_data else None
             reset_peak_memory()
+            timing = speed(model, pooled, batches, args)
+            first = next(iter(batches.values()))
             with ReducerClock() as clock:
-                t_pooled, total = timed(forward, args.repeats, sync, args.warmup)
+                _, total = timed(lambda: pooled(pixel_values=first), args.repeats, sync, 0)
             reducer_share = clock.seconds / total
-            tp.unpatch_model(model)
-            ips = args.batch_size / t_pooled
-            speedup = t_plain / t_pooled
         ratio = flops / plain_flops
+        main_timing = timing[args.batch_sizes[0]]
         rows.append({
             "model": name, "method": method, "keep": round(solved_keep, 4), "target_flops": target,
-            "options": args.options if method != "none" else {},
-            "tokens_per_layer": tokens, "gflops": flops / 1e9, "flops_ratio": ratio, "images_per_s": ips, "plain_images_per_s": plain_ips,
-            "speedup": speedup, "ideal_speedup": 1 / ratio, "speedup_of_ideal": speedup * ratio,
+            "schedule": schedule, "options": args.options if method != "none" else {},
+            "tokens_per_layer": tokens, "gflops": flops / 1e9, "flops_ratio": ratio,
+            "images_per_s": main_timing["images_per_s"], "plain_images_per_s": main_timing["plain_images_per_s"],
+            "speedup": main_timing["speedup"], "ideal_speedup": 1 / ratio,
+            "speedup_of_ideal": main_timing["speedup"] * ratio,
+            "timing": {str(b): {**t, "speedup_of_ideal": t["speedup"] * ratio} for b, t in timing.items()},
             "reducer_share": reducer_share, "top1": acc, "plain_top1": plain_acc,
-            "finetuned_top1": finetuned_top1(args, name, method, solved_keep) if eval_data and method != "none"
-            else None,
+            "finetuned_top1": finetuned_top1(args, name, method, solved_keep)
+            if eval_data and method != "none" and schedule is None else None,
             "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         })
+        del pooled
     return rows
+
+
+def _num_patches(model, one) -> int:
+    """Patch tokens entering the first layer (the protected tokens not counted)."""
+    counts = tokens_per_layer(model, one)
+    protected = {"vit": 1, "deit": 2}.get(model.config.model_type, 0)
+    return counts[0] - protected if counts else 0
+
+
+@functools.lru_cache(maxsize=1)
+def _fidelity():
+    """recipes/fidelity.py as a module (schedule names, the fidelity suite)."""
+    spec = importlib.util.spec_from_file_location("fidelity", Path(__file__).with_name("fidelity.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @functools.lru_cache(maxsize=1)
@@ -316,6 +421,7 @@ def _tokens(counts) -> str:
 
 def _method(r) -> str:
     name = r["method"] + "".join(f" {k}={v}" for k, v in r.get("options", {}).items())
+    name += f" {r['schedule']}" if r.get("schedule") else ""
     return name + (f" @ {r['target_flops']:.2f} FLOPs" if r["target_flops"] is not None else "")
 
 
@@ -349,12 +455,21 @@ def summary(rows) -> str:
 
 
 def markdown(rows) -> str:
-    head = ("| model | method | keep | tokens | GFLOPs | FLOPs ratio | img/s | speed-up | of ideal | reducer share "
-            "| top-1 | top-1 fine-tuned |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    """Every row; speed at each batch size as pooled img/s, speed-up (min-max over the paired repeats)
+    and its share of the ideal."""
+    sizes = list(rows[0]["timing"]) if rows else []
+    speed_head = "".join(f" img/s b={b} | speed-up b={b} | of ideal b={b} |" for b in sizes)
+    head = (f"| model | method | keep | tokens | GFLOPs | FLOPs ratio |{speed_head} reducer share | top-1 "
+            f"| top-1 fine-tuned |\n|{'---|' * (8 + 3 * len(sizes))}\n")
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
+
+    def cells(t):
+        return (f" {t['images_per_s']:.1f} | {t['speedup']:.2f}x ({t['speedup_min']:.2f}-{t['speedup_max']:.2f}) | "
+                f"{t['speedup_of_ideal'] * 100:.0f}% |")
+
     return head + "".join(
         f"| {r['model']} | {_method(r)} | {r['keep']:.2f} | {_tokens(r['tokens_per_layer'])} | {r['gflops']:.3f} | "
-        f"{r['flops_ratio']:.3f} | {r['images_per_s']:.1f} | {r['speedup']:.2f}x | {r['speedup_of_ideal'] * 100:.0f}% | "
+        f"{r['flops_ratio']:.3f} |{''.join(cells(t) for t in r['timing'].values())} "
         f"{r['reducer_share'] * 100:.1f}% | {fmt(r['top1'], '.2f')} | {fmt(r['finetuned_top1'], '.2f')} |\n"
         for r in rows)
 
@@ -363,6 +478,22 @@ def main(argv=None):
     args = parse_args(argv)
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
+    if args.suite == "fidelity":
+        return _fidelity().main([*(["--output_dir", args.output_dir] if args.output_dir else []),
+                                 "--threads", str(args.threads)])
+    if args.suite == "reducer_cost":
+        rows = reducer_cost_rows(args)
+        text = reducer_cost_markdown(rows)
+        print(text)
+        if args.output_dir:
+            out = Path(args.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            command = " ".join(["python", "recipes/benchmark.py", *(argv if argv is not None else sys.argv[1:])])
+            (out / "results.json").write_text(json.dumps({"meta": {"command": command}, "rows": rows}, indent=2) + "\n")
+            (out / "results.md").write_text(f"Command: `{command}` (FLOPs from torch's counter on the meta device; "
+                                            f"keep=0.6, default schedule)\n\nReducer FLOPs as a share of the plain "
+                                            f"model's:\n\n{text}")
+        return rows
     models = []
     if args.suite in ("all", "checkpoints"):
         models += [(p.name, None, p) for p in sorted(CHECKPOINTS.iterdir()) if (p / "config.json").exists()]
@@ -384,7 +515,7 @@ def main(argv=None):
     print(f"sweep done in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     table = markdown(rows)
     meta = {"device": args.device if args.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
-            "batch_size": args.batch_size, "repeats": args.repeats, "warmup": args.warmup,
+            "batch_sizes": args.batch_sizes, "repeats": args.repeats, "warmup": args.warmup,
             "eval_samples": args.eval_samples, "torch": torch.__version__,
             "wall_minutes": round((time.perf_counter() - started) / 60, 2),
             "command": " ".join(["python", "recipes/benchmark.py", *(argv if argv is not None else sys.argv[1:])])}
@@ -394,7 +525,7 @@ def main(argv=None):
         (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
         plots(rows, out)
         (out / "results.md").write_text(f"Command: `{meta['command']}`; device: {meta['device']}, batch "
-                                        f"{args.batch_size}, fp32, torch {torch.__version__}; top-1 on the first "
+                                        f"sizes {args.batch_sizes} (plain and pooled timed alternately, {args.repeats} repeats, median), fp32, torch {torch.__version__}; top-1 on the first "
                                         f"{args.eval_samples} test images; the sweep took {meta['wall_minutes']} "
                                         f"min\n\n{summary(rows)}\nEvery row:\n\n{table}")
     return rows

@@ -24,7 +24,7 @@ def tiny_checkpoint(tmp_path_factory):
 def test_sweep_rows_tables_and_plots(tiny_checkpoint, tmp_path):
     out = tmp_path / "bench"
     rows = benchmark.main(["--suite", "none", "--model_name_or_path", tiny_checkpoint, "--keeps", "0.5", "0.8",
-                           "--target_flops", "0.7", "--eval_samples", "64", "--batch_size", "4", "--repeats", "1",
+                           "--target_flops", "0.7", "--eval_samples", "64", "--batch_sizes", "4", "1", "--repeats", "1",
                            "--threads", "1", "--output_dir", str(out)])
     # plain + 4 methods x 2 keeps + 1 budget row (tokenpool only)
     assert [(r["method"], r["target_flops"]) for r in rows][:1] == [("none", None)]
@@ -38,6 +38,11 @@ def test_sweep_rows_tables_and_plots(tiny_checkpoint, tmp_path):
         assert by_key[(method, 0.5)]["tokens_per_layer"] == [65, 65, 33, 17, 17, 9]
         assert by_key[(method, 0.5)]["flops_ratio"] < by_key[(method, 0.8)]["flops_ratio"] < 1.0
         assert 0 <= by_key[(method, 0.5)]["top1"] <= 100
+    for r in rows:  # speed at both batch sizes, from plain and pooled timed alternately
+        assert set(r["timing"]) == {"4", "1"}
+        for t in r["timing"].values():
+            assert t["speedup_min"] <= t["speedup"] <= t["speedup_max"] and t["images_per_s"] > 0
+            assert t["speedup_of_ideal"] == pytest.approx(t["speedup"] * r["flops_ratio"])
     budget = next(r for r in rows if r["target_flops"] is not None)
     assert budget["method"] == "tokenpool" and abs(budget["flops_ratio"] - 0.7) < 0.03
     saved = json.loads((out / "results.json").read_text())
@@ -64,7 +69,25 @@ def test_bad_arguments_are_refused(capsys):
 def test_finetune_column_runs_the_recipe(tiny_checkpoint, tmp_path):
     rows = benchmark.main(["--suite", "none", "--model_name_or_path", tiny_checkpoint, "--methods", "tome",
                            "--keeps", "0.5", "--target_flops", "--finetune", "--finetune_steps", "2",
-                           "--eval_samples", "64", "--batch_size", "4", "--repeats", "1", "--threads", "1"])
+                           "--eval_samples", "64", "--batch_sizes", "4", "--repeats", "1", "--threads", "1"])
     plain, pooled = rows
     assert plain["finetuned_top1"] is None
     assert 0 <= pooled["finetuned_top1"] <= 100 and pooled["top1"] is not None
+
+
+def test_named_schedules_give_tomes_token_counts(tiny_checkpoint):
+    rows = benchmark.main(["--suite", "none", "--model_name_or_path", tiny_checkpoint, "--methods", "tokenpool",
+                           "--keeps", "--target_flops", "--schedules", "r-8", "--batch_sizes", "2", "--repeats", "1",
+                           "--eval_samples", "16", "--threads", "1"])
+    assert rows[1]["schedule"] == "r-8"
+    assert rows[1]["tokens_per_layer"] == [65, 57, 49, 41, 33, 25]  # 8 fewer patch tokens in every layer
+
+
+def test_reducer_cost_suite_counts_on_the_meta_device(tmp_path):
+    rows = benchmark.main(["--suite", "reducer_cost", "--methods", "tokenpool", "tome", "--output_dir", str(tmp_path)])
+    by = {(r["patch_tokens"], r["method"], r["metric"]): r for r in rows}
+    assert {r["patch_tokens"] for r in rows} == {196, 576, 1369, 4096}
+    # the distance matrix of 768-d hidden states costs more than that of 64-d keys; auto stays under 1%
+    assert by[(1369, "tokenpool", "tokens")]["reducer_gflops"] > 5 * by[(1369, "tokenpool", "keys")]["reducer_gflops"]
+    assert all(by[(n, "tokenpool", "auto")]["reducer_share_of_plain"] < 0.01 for n in (196, 576, 1369, 4096))
+    assert "| vit-b14-518 | 1369 |" in (tmp_path / "results.md").read_text()

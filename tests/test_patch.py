@@ -188,8 +188,36 @@ def test_target_flops_is_solved_into_keep():
     ratio = tp.count_flops(model, pixels) / plain
     assert solved["target_flops"] == 0.7 and 0 < solved["keep"] < 1
     assert 0.6 < ratio <= 0.7
-    with pytest.raises(ValueError, match="cannot be reached"):
+    with pytest.raises(ValueError, match="cannot be reached") as err:
         tp.patch_model(make("vit"), target_flops=0.05)
+    # the message names the cheapest reachable cost, which is really reachable (and far below 1.00)
+    cheapest = float(str(err.value).split("cheapest reachable is about ")[1].split(" ")[0])
+    assert 0.05 < cheapest < 0.5
+    tp.patch_model(model := make("vit"), target_flops=min(1.0, cheapest + 0.02))
+    assert tp.count_flops(model, pixels) / plain <= cheapest + 0.02
+
+
+@pytest.mark.parametrize("pool_after", [1, [], [1.5], [True], "2"])
+def test_pool_after_must_be_a_list_of_layer_indices(pool_after):
+    with pytest.raises(ValueError, match="pool_after must be a non-empty list of 0-based layer indices"):
+        tp.patch_model(make("vit"), pool_after=pool_after)
+
+
+@pytest.mark.parametrize("name", ["vit", "swin"])
+def test_pool_after_past_the_last_layer_is_refused(name):
+    model = make(name)
+    with pytest.raises(ValueError, match="names a layer past the last one"):
+        tp.patch_model(model, keep=0.5, pool_after=[99])
+    assert not hasattr(model.config, "token_pooling")  # nothing was applied or recorded
+
+
+def test_swin_pool_after_pools_only_there(pixels):
+    model = make("swin")
+    plain = output_of(model, pixels)
+    tp.patch_model(model, keep=0.5, pool_after=[3])
+    blocks = tp.ADAPTERS["swin"].blocks(model.base_model)
+    assert [b._tokenpool.keep for b in blocks] == [1.0, 1.0, 1.0, 0.5]
+    assert not torch.equal(output_of(model, pixels), plain)
 
 
 # ---- bad input: each a clear error ----------------------------------------------------------------
@@ -214,8 +242,10 @@ def test_topk_needs_a_class_token():
 
 def test_unsupported_models():
     bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
-    with pytest.raises(ValueError, match="not supported.*Supported model types: deit, swin, vit"):
+    with pytest.raises(ValueError, match="not supported.*Supported model types: deit, swin, vit") as err:
         tp.patch_model(bert)
+    listed = str(err.value).split("classes: ")[1].split(", ")
+    assert len(listed) == len(set(listed)) == len(tp.SUPPORTED_CLASSES)  # each class named once
     mim = ViTForMaskedImageModeling(ViTConfig(**{**VIT_SHAPE, "encoder_stride": 4}))
     with pytest.raises(ValueError, match="masked image modelling reconstructs every patch"):
         tp.patch_model(mim)
@@ -247,6 +277,14 @@ def test_from_pretrained_refuses_remote_code_and_missing_settings(tmp_path):
     model = tp.from_pretrained(str(tmp_path), pooling={"keep": 0.7, "method": "tome"})
     assert model.config.token_pooling["method"] == "tome"
     assert isinstance(AutoModelForImageClassification.from_pretrained(tmp_path), type(make("vit")))
+
+
+def test_settings_saved_before_pool_location_existed_come_back_as_trained():
+    legacy = {"iterations": 5, "keep": 0.6, "method": "tokenpool", "output": "mean", "pool_after": None,
+              "proportional_attention": True, "schedule": None, "target_flops": None}  # hf_tokenpool 0.1
+    config = TokenPoolConfig.from_dict(legacy)
+    assert (config.pool_location, config.metric) == ("after_layer", "tokens")
+    assert TokenPoolConfig.from_dict(TokenPoolConfig().to_dict()) == TokenPoolConfig()
 
 
 def test_config_round_trips_and_rejects_unknown_keys():

@@ -20,7 +20,7 @@ def _sq_dist(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
 
 
 def kmeans(tokens: torch.Tensor, sizes: torch.Tensor, k: int, signals: Signals, *, iterations: int = 5,
-           metric: str = "keys") -> PoolResult:
+           metric: str = "auto") -> PoolResult:
     """Reduce [B, N, C] tokens to the k centres of significance-weighted K-Means.
 
     Every cluster keeps an *anchor*: one member forced into it at the next assignment (at first its
@@ -29,9 +29,10 @@ def kmeans(tokens: torch.Tensor, sizes: torch.Tensor, k: int, signals: Signals, 
     empty cluster would be an output token that stands for no patch at all (size 0). In the ordinary
     case the anchor is nearest to its own centre anyway, so the forcing changes nothing.
 
-    metric: cluster the head-averaged keys ("keys", signals.keys) or the tokens ("tokens").
-    The output tokens are the significance x size weighted means of the final clusters (differentiable
-    with respect to the tokens). All `iterations` rounds always run: no early exit, no host sync.
+    metric: cluster the tokens ("tokens"), the head-averaged keys ("keys", signals.keys), or "auto"
+        (tokens while N <= channels, see tokenpool.clustering_features).
+    The output tokens are the significance-weighted means of the final clusters (differentiable with
+    respect to the tokens). All `iterations` rounds always run: no early exit, no host sync.
     """
     check_reduce_args(tokens, sizes, k)
     if iterations < 0:
@@ -55,6 +56,6 @@ def kmeans(tokens: torch.Tensor, sizes: torch.Tensor, k: int, signals: Signals, 
             anchors = dist.masked_fill(~own, float("inf")).argmin(1)
             assign = dist.argmin(-1).scatter(1, anchors, arange_k)
 
-    out = weighted_mean(tokens.float(), w * sizes.float(), assign, k).to(tokens.dtype)
+    out = weighted_mean(tokens.float(), w, assign, k).to(tokens.dtype)
     new_sizes = cluster_sizes(sizes.float(), assign, k).to(sizes.dtype)
     return PoolResult(out, new_sizes, assign)

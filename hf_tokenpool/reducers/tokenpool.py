@@ -31,7 +31,8 @@ from .base import (
 )
 
 OUTPUTS = ("mean", "medoid", "assign")  # "assign" is for adapters (Swin), not a config setting
-METRICS = ("keys", "tokens")
+METRICS = ("auto", "tokens", "keys")
+INITS = ("merge_cost", "significance")
 
 
 def significance_weights(signals: Signals, tokens: torch.Tensor, name: str) -> torch.Tensor:
@@ -52,9 +53,16 @@ def significance_weights(signals: Signals, tokens: torch.Tensor, name: str) -> t
 
 
 def clustering_features(tokens: torch.Tensor, signals: Signals, metric: str, name: str) -> torch.Tensor:
-    """The float32 [B, N, D] points that are clustered: head-averaged keys or the tokens themselves."""
+    """The float32 [B, N, D] points that are clustered: the tokens themselves, or the head-averaged keys.
+
+    "auto" takes the tokens while there are no more tokens than channels, else the keys: the distance
+    matrix costs 2 N^2 D FLOPs, about N / (12 C) of a layer's own 24 N C^2, so with D = C it stays
+    under ~1% of the model only while N <= C (docs/fidelity.md has the measured trade-off).
+    """
     if metric not in METRICS:
         raise ValueError(f"{name} metric must be one of {METRICS}, got {metric!r}")
+    if metric == "auto":
+        metric = "tokens" if tokens.shape[1] <= tokens.shape[2] or signals.keys is None else "keys"
     if metric == "tokens":
         return tokens.detach().float()
     if signals.keys is None:
@@ -96,7 +104,18 @@ def _nearest(dist: torch.Tensor, medoids: torch.Tensor) -> torch.Tensor:
     return assign.scatter(1, medoids, torch.arange(k, device=dist.device).expand(b, k))
 
 
-def kmedoids(dist: torch.Tensor, w: torch.Tensor, k: int, iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+def merge_costs(dist: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """[B, N] cost of folding each token into its nearest more significant token: w_j min_{i before j} D[j, i]
+    (order: significance, ties to the lower index). The most significant token can fold nowhere (inf)."""
+    n = w.shape[-1]
+    order = stable_descending_order(w)
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=w.device).expand_as(order))
+    before = rank.unsqueeze(1) < rank.unsqueeze(2)  # [B, j, i]: i is more significant than j
+    nearest = dist.masked_fill(~before, float("inf")).amin(-1)
+    return w * nearest
+
+
+def kmedoids(dist: torch.Tensor, w: torch.Tensor, k: int, iterations: int, init: str = "merge_cost"):
     """Weighted K-Medoids on a [B, N, N] distance matrix: (medoids [B, k], assign [B, N]).
 
     Initialised with the k heaviest tokens; each round assigns every token to its nearest medoid,
@@ -105,7 +124,9 @@ def kmedoids(dist: torch.Tensor, w: torch.Tensor, k: int, iterations: int) -> tu
     b, n, _ = dist.shape
     arange_k = torch.arange(k, device=dist.device)
     weighted = w.unsqueeze(2) * dist  # [B, j, m] = w_j D[j, m], once for every round
-    medoids = heaviest(w, k)
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
+    medoids = heaviest(w, k) if init == "significance" else stable_descending_order(merge_costs(dist, w))[:, :k]
     assign = _nearest(dist, medoids)
     for _ in range(iterations):
         same = assign.unsqueeze(2) == assign.unsqueeze(1)  # [B, j, m]: j and m share a cluster
@@ -124,21 +145,26 @@ def tokenpool(
     *,
     iterations: int = 5,
     output: str = "mean",
-    metric: str = "keys",
-    size_weighted: bool = True,
+    metric: str = "auto",
+    size_weighted: bool = False,
+    init: str = "merge_cost",
 ) -> PoolResult:
     """Reduce [B, N, C] tokens to k clusters by significance-weighted K-Medoids.
 
     metric="keys": cluster the head-averaged attention keys (signals.keys); "tokens": the tokens.
-    output="mean": each cluster becomes the mean of its members weighted by significance x size (the
-        attention a token receives times the patches it stands for), so repeated pooling stays a
-        weighted mean of the original patches; differentiable with respect to every member.
+    output="mean": each cluster becomes the significance-weighted mean of its members (the point that
+        minimises the weighted squared error the clustering minimises); differentiable with respect to
+        every member. Sizes are not multiplied in: a token's significance already grows with the
+        patches it stands for (proportional attention), and weighting by size x significance measured
+        no better (docs/fidelity.md).
     output="medoid": each cluster becomes its medoid token, as in the public re-implementation.
     output="assign": only the assignment is computed; the result's tokens and sizes are None (for an
         adapter that pools other tensors than the clustering features, as Swin does).
     iterations: assignment/update rounds after the top-k-by-weight initialisation (the paper reports
         convergence in about 5); always run in full (see the module docstring).
-    size_weighted: False weighs the output mean by significance alone (the ablation in docs/fidelity.md).
+    init="merge_cost": the k tokens that are dearest to fold into a more significant neighbour start as
+        medoids (see `merge_costs`); "significance": the k most significant (the public re-implementation).
+    size_weighted: weigh the output mean by significance x size (an ablation, docs/fidelity.md).
     """
     check_reduce_args(tokens, sizes, k)
     if output not in OUTPUTS:
@@ -151,7 +177,7 @@ def tokenpool(
         return identity_result(tokens, sizes)
 
     with torch.no_grad():  # the clustering itself is discrete; gradients flow through the output only
-        medoids, assign = kmedoids(pairwise_sq_dist(x), w.detach(), k, iterations)
+        medoids, assign = kmedoids(pairwise_sq_dist(x), w.detach(), k, iterations, init)
 
     if output == "assign":
         return PoolResult(None, None, assign)
