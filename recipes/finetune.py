@@ -273,7 +273,8 @@ def measure_speed(args, plain, pooled, sample, accelerator) -> dict | None:
     speed = None
     if accelerator.is_main_process:
         timed = time_interleaved({"plain": plain, "pooled": pooled}, sample, warmup=1, repeats=args.bench_repeats)
-        speed = {name: {k: v if k == "repeats" else round(v, 1) for k, v in r.items()} for name, r in timed.items()}
+        speed = {name: {k: v if k == "repeats" else round(v, 1) for k, v in r.items() if k != "seconds"}
+                 for name, r in timed.items()}
     accelerator.wait_for_everyone()
     return speed
 
