@@ -395,3 +395,16 @@ def test_without_an_eval_split_a_seeded_share_of_train_is_held_out(tmp_path):
     args = finetune.parse_args(["--output_dir", str(tmp_path / "o")])
     fit, held, _, eval_split, _, _ = finetune.resolve_dataset(args, datasets.DatasetDict({"train": train}))
     assert (len(fit), len(held), eval_split) == (17, 3, "train (held out 0.15)")
+
+
+def test_the_held_out_digits_folder(tmp_path):
+    """recipes/make_image_folder.py: the held-out task of docs/recipe.md, 1400 train + 397 test, new class names."""
+    spec = importlib.util.spec_from_file_location("make_image_folder", ROOT / "recipes" / "make_image_folder.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    counts = builder.main(["--source", "digits", "--output_dir", str(tmp_path / "digits")])
+    assert sum(counts["train"].values()) == 1400 and sum(counts["test"].values()) == 397
+    assert set(counts["train"].values()) == {140}
+    loaded = finetune.load_image_dataset(str(tmp_path / "digits"))
+    assert loaded["train"].features["label"].names == sorted(builder.DIGIT_NAMES)
+    assert (len(loaded["train"]), len(loaded["test"])) == (1400, 397) and loaded["test"][0]["image"].size == (28, 28)
