@@ -57,9 +57,11 @@ METHODS = ("none", "tokenpool", "kmeans", "tome", "topk")
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["all", "shapes", "checkpoints", "reducer_cost", "fidelity", "none"],
+    parser.add_argument("--suite", choices=["all", "shapes", "checkpoints", "reducer_cost", "compile", "fidelity",
+                                            "none"],
                         default="all", help="all: checkpoints and shapes; reducer_cost: the reducers' FLOPs at "
-                        "196-4096 tokens; fidelity: recipes/fidelity.py's suite; none: only --model_name_or_path")
+                        "196-4096 tokens; compile: torch.compile time, graph breaks and speed of each method on the "
+                        "checkpoints; fidelity: recipes/fidelity.py's suite; none: only --model_name_or_path")
     parser.add_argument("--model_name_or_path", action="append", default=[],
                         help="extra model(s): Hub id or local folder (repeatable)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS[1:]), choices=METHODS[1:])
@@ -186,6 +188,46 @@ def reducer_cost_rows(args) -> list[dict]:
                 print(f"{name} {method} {metric or ''}: reducer {counter.flops / 1e9:.3f} GFLOPs = "
                       f"{100 * counter.flops / plain:.2f}% of plain {plain / 1e9:.1f}", flush=True)
     return rows
+
+
+def compile_rows(args) -> list[dict]:
+    """Per checkpoint and method: graph breaks (torch._dynamo.explain), the first compiled call's time
+    (compiling included), the largest difference from eager, and eager vs compiled speed interleaved."""
+    rows = []
+    for path in sorted(p for p in CHECKPOINTS.iterdir() if (p / "config.json").exists()):
+        model = tp.load_model(str(path)).eval()
+        size = model.config.image_size
+        batch = torch.randn(args.batch_sizes[0], model.config.num_channels, size, size)
+        for method in args.methods:
+            if method not in tp.ADAPTERS[model.config.model_type].methods:
+                continue
+            tp.patch_model(model, keep=0.6, method=method, **args.options)
+            torch._dynamo.reset()
+            breaks = torch._dynamo.explain(lambda x: model(pixel_values=x).logits)(batch).graph_break_count
+            torch._dynamo.reset()
+            compiled = torch.compile(model, fullgraph=True)
+            with torch.no_grad():
+                started = time.perf_counter()
+                out = compiled(pixel_values=batch).logits
+                compile_seconds = time.perf_counter() - started
+                diff = (out - model(pixel_values=batch).logits).abs().max().item()
+            t = tp.time_interleaved({"eager": model, "compiled": compiled}, batch, warmup=args.warmup,
+                                    repeats=args.repeats)
+            rows.append({"model": path.name, "method": method, "graph_breaks": breaks,
+                         "compile_seconds": round(compile_seconds, 1), "max_abs_diff": diff,
+                         "eager_images_per_s": t["eager"]["images_per_second"],
+                         "compiled_images_per_s": t["compiled"]["images_per_second"]})
+            print(rows[-1], flush=True)
+            tp.unpatch_model(model)
+    return rows
+
+
+def compile_markdown(rows) -> str:
+    text = ("| model | method | graph breaks | first call, compiling (s) | max abs diff vs eager | eager img/s | "
+            "compiled img/s |\n|---|---|---|---|---|---|---|\n")
+    return text + "".join(f"| {r['model']} | {r['method']} | {r['graph_breaks']} | {r['compile_seconds']:.1f} | "
+                          f"{r['max_abs_diff']:.1e} | {r['eager_images_per_s']:.1f} | {r['compiled_images_per_s']:.1f} |\n"
+                          for r in rows)
 
 
 def reducer_cost_markdown(rows) -> str:
@@ -481,18 +523,20 @@ def main(argv=None):
     if args.suite == "fidelity":
         return _fidelity().main([*(["--output_dir", args.output_dir] if args.output_dir else []),
                                  "--threads", str(args.threads)])
-    if args.suite == "reducer_cost":
-        rows = reducer_cost_rows(args)
-        text = reducer_cost_markdown(rows)
+    if args.suite in ("reducer_cost", "compile"):
+        rows = reducer_cost_rows(args) if args.suite == "reducer_cost" else compile_rows(args)
+        text = reducer_cost_markdown(rows) if args.suite == "reducer_cost" else compile_markdown(rows)
         print(text)
         if args.output_dir:
             out = Path(args.output_dir)
             out.mkdir(parents=True, exist_ok=True)
             command = " ".join(["python", "recipes/benchmark.py", *(argv if argv is not None else sys.argv[1:])])
             (out / "results.json").write_text(json.dumps({"meta": {"command": command}, "rows": rows}, indent=2) + "\n")
-            (out / "results.md").write_text(f"Command: `{command}` (FLOPs from torch's counter on the meta device; "
-                                            f"keep=0.6, default schedule)\n\nReducer FLOPs as a share of the plain "
-                                            f"model's:\n\n{text}")
+            what = ("FLOPs from torch's counter on the meta device; keep=0.6, default schedule)\n\nReducer FLOPs as "
+                    "a share of the plain model's" if args.suite == "reducer_cost" else
+                    f"keep=0.6, {torch.get_num_threads()} threads, batch {args.batch_sizes[0]}, eager and compiled "
+                    f"timed alternately, {args.repeats} repeats, median)\n\ntorch.compile(model, fullgraph=True)")
+            (out / "results.md").write_text(f"Command: `{command}` ({what}:\n\n{text}")
         return rows
     models = []
     if args.suite in ("all", "checkpoints"):

@@ -62,6 +62,9 @@ def parse_args(argv=None):
     p.add_argument("--schedules", nargs="+", default=DEFAULT_SCHEDULES)
     p.add_argument("--variants", nargs="*", default=[], choices=list(VARIANTS),
                    help="tokenpool ablation variants, each an extra row next to the methods")
+    p.add_argument("--finetuned", nargs="*", default=[],
+                   help="pooled models saved by recipes/finetune.py: each is compared with its plain model "
+                        "(--model_name_or_path, one) instead of running the schedules")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="TokenPoolConfig setting for every method row (JSON value), e.g. pool_location=after_layer")
     p.add_argument("--dataset_name", default="fashion_mnist")
@@ -70,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--output_dir", default=None, help="write results.json, results.md and a plot here")
     args = p.parse_args(argv)
+    if args.finetuned and len(args.model_name_or_path) != 1:
+        p.error("--finetuned compares with one plain model: give exactly one --model_name_or_path")
     for s in args.schedules:
         schedule_settings(s, 6)  # fails early on a malformed name
     args.options = {}
@@ -143,15 +148,38 @@ def bound_tokenpool(**kwargs):
     return lambda: object.__setattr__(REDUCERS["tokenpool"], "fn", saved)
 
 
-def rows_for_model(path: str, args) -> list[dict]:
+def eval_split(path: str, args):
     from hf_tokenpool.data import load_image_dataset, to_pixel_values
 
-    model = tp.load_model(path).eval()
-    processor = AutoImageProcessor.from_pretrained(path)
     split = load_image_dataset(args.dataset_name)["test"]
     if args.eval_samples:
         split = split.select(range(min(args.eval_samples, len(split))))
-    pixels, labels = to_pixel_values(split, processor)
+    return to_pixel_values(split, AutoImageProcessor.from_pretrained(path))
+
+
+def finetuned_rows(path: str, args) -> list[dict]:
+    """Each fine-tuned pooled model against the plain model it was fine-tuned from."""
+    pixels, labels = eval_split(path, args)
+    model = tp.load_model(path).eval()
+    plain, plain_flops = logits_of(model, pixels, args.batch_size), tp.count_flops(model, pixels[:1])
+    name = Path(path).name
+    rows = []
+    for folder in args.finetuned:
+        pooled_model = tp.from_pretrained(folder).eval()
+        settings = pooled_model.config.token_pooling
+        row = {"model": name, "method": settings["method"], "variant": "fine-tuned", "schedule": f"steps-{settings['keep']:g}",
+               "options": settings, "finetuned": Path(folder).name,
+               "flops_ratio": tp.count_flops(pooled_model, pixels[:1]) / plain_flops,
+               **compare(plain, logits_of(pooled_model, pixels, args.batch_size), labels)}
+        rows.append(row)
+        print(f"{name} fine-tuned {Path(folder).name}: agree {row['agreement']:.2f} ± {row['agreement_se']:.2f}  "
+              f"KL {row['kl']:.5f}  top-1 {row['top1']:.2f}", flush=True)
+    return rows
+
+
+def rows_for_model(path: str, args) -> list[dict]:
+    model = tp.load_model(path).eval()
+    pixels, labels = eval_split(path, args)
     plain = logits_of(model, pixels, args.batch_size)
     plain_flops = tp.count_flops(model, pixels[:1])
     num_layers = tp.ADAPTERS[model.config.model_type].num_layers(model.base_model)
@@ -238,7 +266,7 @@ def main(argv=None):
     started = time.perf_counter()
     rows = []
     for path in args.model_name_or_path:
-        rows += rows_for_model(path, args)
+        rows += finetuned_rows(path, args) if args.finetuned else rows_for_model(path, args)
     meta = {"command": " ".join(["python", "recipes/fidelity.py", *(argv if argv is not None else sys.argv[1:])]),
             "threads": args.threads, "torch": torch.__version__,
             "wall_minutes": round((time.perf_counter() - started) / 60, 2)}

@@ -12,10 +12,12 @@ position, and the shifted-window mask becomes log(number of members of key clust
 cluster c may see), which is exact for clusters inside one region and also gives proportional
 attention. Clustering features carry a large region code, so clusters do not straddle shift regions or
 padding. Clustering iterations (tokenpool, kmeans) are capped at SWIN_MAX_ITERATIONS = 1 in Swin windows:
-the farthest-point initialisation over a 49-token window is already within ~0.2% of the converged
-K-Medoids objective, top-1 of the Fashion-MNIST Swin checkpoint at keep=0.6 was the same (2000 test
+with hf_tokenpool 0.1's spread-out start a 49-token window was already within ~0.2% of the converged
+K-Medoids objective and top-1 of the Fashion-MNIST Swin checkpoint at keep=0.6 was no lower (2000 test
 images: 83.2% with 1, 82.5% with 2 and 5 iterations), and each iteration is ~10 batched ops over
-thousands of windows. Patching swaps `SwinLayer.__class__` only: no new parameters, `state_dict` keys unchanged.
+thousands of windows. The start is now the merge-cost one (reducers/tokenpool.py; the spread prior
+breaks ties among Swin's uniform weights), which made pooled Swin far more faithful (docs/fidelity.md).
+Patching swaps `SwinLayer.__class__` only: no new parameters, `state_dict` keys unchanged.
 """
 
 from __future__ import annotations
