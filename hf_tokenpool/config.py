@@ -71,8 +71,7 @@ class TokenPoolConfig:
     iterations: int = field(default=5, metadata={"help": "Clustering rounds (tokenpool, kmeans); always run in full."})
     output: str = field(
         default="mean",
-        metadata={"help": f"tokenpool output, one of {OUTPUTS}: cluster means weighted by significance x size, "
-                  "or the medoids."},
+        metadata={"help": f"tokenpool output, one of {OUTPUTS}: significance-weighted cluster means or the medoids."},
     )
 
     def __post_init__(self):

@@ -324,8 +324,9 @@ def rows_for_model(name, model, args, eval_data=None):
     num_layers = adapter.num_layers(model.base_model)
     settings = [("none", None, {})]
     settings += [(m, None, {"keep": k}) for m in args.methods for k in args.keeps]
-    settings += [(m, s, _fidelity().schedule_settings(s, num_layers, _num_patches(model, one)))
-                 for m in args.methods for s in args.schedules]
+    if model.config.model_type != "swin":  # named schedules count a token sequence; Swin pools inside windows
+        settings += [(m, s, _fidelity().schedule_settings(s, num_layers, _num_patches(model, one)))
+                     for m in args.methods for s in args.schedules]
     settings += [(m, None, {"target_flops": t}) for m in args.budget_methods for t in args.target_flops]
     rows = []
     for method, schedule, options in tqdm(settings, desc=name, leave=False):
