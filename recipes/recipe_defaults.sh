@@ -15,6 +15,7 @@ export OMP_NUM_THREADS=1
 [ -d "$DATA/fm-5000" ] || $PY recipes/make_image_folder.py --source fashion_mnist --train_per_class 500 --test_per_class 500 --seed 2 --output_dir "$DATA/fm-5000"
 [ -d "$DATA/digits" ] || $PY recipes/make_image_folder.py --source digits --output_dir "$DATA/digits"
 name=$1; shift
+mkdir -p outputs/recipe-defaults docs/results/recipe
 start=$(date +%s)
 $PY -m accelerate.commands.launch --multi_gpu --num_processes 2 --num_machines 1 --mixed_precision no --dynamo_backend no \
     recipes/finetune.py --output_dir "outputs/recipe-defaults/$name" --overwrite_output_dir "$@" > "outputs/recipe-defaults/$name.log" 2>&1
