@@ -8,6 +8,9 @@ files are absent does it try the Hub copy (`zalando-datasets/fashion_mnist`).
 `to_pixel_values(split, image_processor)` is the fast path that fine-tuning and benchmark
 scripts share: it gives the same tensors the image processor would give image by image (same
 RGB conversion, same PIL resize, same rescale and normalisation), but builds them in one go.
+
+`find_unreadable_images(split)` decodes every image of a split once and names those PIL cannot
+read, so a recipe can refuse (or drop) them before training rather than crash mid-epoch.
 """
 
 from __future__ import annotations
