@@ -175,7 +175,8 @@ class TokenPoolSwinLayer(nn.Module):
 
         # 2. the block on the centres, with Swin's geometry carried over to the clusters
         bias = self._cluster_bias(stats, sizes, ws, layout.num_regions, plan.config.proportional_attention)
-        attention_output, probs = self._attention(self.layernorm_before(centres), bias)
+        want_probs = self.attention.config._attn_implementation == "eager"  # upstream returns maps only then
+        attention_output, probs = self._attention(self.layernorm_before(centres), bias, want_probs)
         attention_output = self.drop_path(self.dropout(attention_output))
         updated = centres + attention_output
         delta = attention_output + self.dropout(self.mlp(self.layernorm_after(updated)))  # = updated' - centres
@@ -186,7 +187,7 @@ class TokenPoolSwinLayer(nn.Module):
         if height_pad != height or width_pad != width:
             grid = grid[:, :height, :width, :].contiguous()
         attn_weights = None
-        if self.attention.config._attn_implementation == "eager":  # upstream returns maps only then
+        if want_probs:
             # per token: each cluster's attention spread evenly over its members, [B*nW, heads, area, area]
             attn_weights = members.transpose(1, 2)[:, None] @ probs @ (members / sizes.unsqueeze(-1))[:, None]
         return grid.reshape(batch_size, height * width, channels), attn_weights
@@ -217,18 +218,23 @@ class TokenPoolSwinLayer(nn.Module):
         mask = torch.where(visible > 0, visible.clamp_min(1e-6).log(), torch.full_like(visible, -100.0))
         return bias + mask[:, None].to(bias.dtype)
 
-    def _attention(self, hidden_states, bias):
+    def _attention(self, hidden_states, bias, want_probs: bool):
         """SwinAttention's projections and attention, with a [W, heads, k, k] bias (mirrors
-        SwinAttention.forward). An explicit softmax rather than SDPA: windows hold a few dozen clusters,
-        where SDPA gains nothing, and torch 2.13's ONNX exporter fails to decompose SDPA here (it cannot
-        export the plain HF Swin either), while this exports."""
+        SwinAttention.forward). SDPA, except for an explicit softmax where the probabilities are wanted
+        (`output_attentions` with eager attention) or under torch.export: torch 2.13's ONNX exporter fails
+        to decompose SDPA in Swin's windows (it cannot export the plain HF Swin either)."""
         attn = self.attention
         b, n, _ = hidden_states.shape
         q, key, v = project_qkv(attn, hidden_states)
-        logits = torch.matmul(q, key.transpose(2, 3)) * attn.scaling + bias.to(q.dtype)
-        probs = logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-        probs = F.dropout(probs, p=attn.attention_dropout, training=self.training)
-        out = torch.matmul(probs, v)
+        dropout = attn.attention_dropout if self.training else 0.0
+        probs = None
+        if want_probs or torch.compiler.is_exporting():
+            logits = torch.matmul(q, key.transpose(2, 3)) * attn.scaling + bias.to(q.dtype)
+            probs = logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
+            out = torch.matmul(F.dropout(probs, p=dropout, training=self.training), v)
+        else:
+            out = F.scaled_dot_product_attention(q, key, v, attn_mask=bias.to(q.dtype), dropout_p=dropout,
+                                                 scale=attn.scaling)
         return attn.o_proj(out.transpose(1, 2).contiguous().reshape(b, n, -1)), probs
 
 

@@ -52,6 +52,16 @@ def check_reduce_args(tokens: torch.Tensor, sizes: torch.Tensor, k: int) -> None
         raise ValueError(f"cannot keep k={k} tokens out of {n}: k must be in [1, {n}]")
 
 
+def stable_descending_rank(values: torch.Tensor) -> torch.Tensor:
+    """[B, N] rank of each value in its row, descending, ties to the lower index (0 = first); the
+    inverse permutation of `stable_descending_order`. O(N^2) comparisons, nothing data-dependent."""
+    n = values.shape[-1]
+    v_i, v_j = values.unsqueeze(-1), values.unsqueeze(-2)  # [B, i, j]
+    idx = torch.arange(n, device=values.device)
+    before = (v_j > v_i) | ((v_j == v_i) & (idx.view(1, n) < idx.view(n, 1)))  # j comes before i
+    return before.sum(-1)
+
+
 def stable_descending_order(values: torch.Tensor) -> torch.Tensor:
     """[B, N] indices that sort each row of `values` [B, N] descending, ties going to the lower index.
 
@@ -61,11 +71,8 @@ def stable_descending_order(values: torch.Tensor) -> torch.Tensor:
     scatter inverts. O(N^2) comparisons, no data-dependent control flow; exports, compiles and traces,
     and gives the same result on every device.
     """
-    n = values.shape[-1]
-    v_i, v_j = values.unsqueeze(-1), values.unsqueeze(-2)  # [B, i, j]
-    idx = torch.arange(n, device=values.device)
-    before = (v_j > v_i) | ((v_j == v_i) & (idx.view(1, n) < idx.view(n, 1)))  # j comes before i
-    rank = before.sum(-1)
+    rank = stable_descending_rank(values)
+    idx = torch.arange(values.shape[-1], device=values.device)
     return torch.empty_like(rank).scatter_(-1, rank, idx.expand_as(rank))
 
 

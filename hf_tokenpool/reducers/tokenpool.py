@@ -27,6 +27,7 @@ from .base import (
     cluster_sizes,
     identity_result,
     stable_descending_order,
+    stable_descending_rank,
     weighted_mean,
 )
 
@@ -107,9 +108,7 @@ def _nearest(dist: torch.Tensor, medoids: torch.Tensor) -> torch.Tensor:
 def merge_costs(dist: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """[B, N] cost of folding each token into its nearest more significant token: w_j min_{i before j} D[j, i]
     (order: significance, ties to the lower index). The most significant token can fold nowhere (inf)."""
-    n = w.shape[-1]
-    order = stable_descending_order(w)
-    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=w.device).expand_as(order))
+    rank = stable_descending_rank(w)
     before = rank.unsqueeze(1) < rank.unsqueeze(2)  # [B, j, i]: i is more significant than j
     nearest = dist.masked_fill(~before, float("inf")).amin(-1)
     return w * nearest
