@@ -29,6 +29,9 @@ run: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# The default sweep (docs/results.md): every method, keep 0.5-0.8 and FLOPs budgets, checkpoints and shapes.
+# The figures of docs/results.md and docs/fidelity.md (run on an otherwise idle machine).
 benchmark: install
-	$(BIN)/python recipes/benchmark.py --output_dir docs/results/sweep
+	$(BIN)/python recipes/benchmark.py --suite shapes --keeps 0.6 --schedules r-13 --target_flops --output_dir docs/results/sweep-shapes
+	$(BIN)/python recipes/benchmark.py --suite checkpoints --keeps 0.5 0.6 0.7 --schedules r-8 --target_flops 0.5 --output_dir docs/results/sweep-checkpoints
+	$(BIN)/python recipes/benchmark.py --suite reducer_cost --output_dir docs/results/reducer-cost
+	$(BIN)/python recipes/fidelity.py --methods tokenpool kmeans tome --output_dir docs/results/fidelity

@@ -356,7 +356,7 @@ def rows_for_model(name, model, args, eval_data=None):
         ratio = flops / plain_flops
         main_timing = timing[args.batch_sizes[0]]
         rows.append({
-            "model": name, "method": method, "keep": round(solved_keep, 4), "target_flops": target,
+            "model": name, "method": method, "keep": None if schedule else round(solved_keep, 4), "target_flops": target,
             "schedule": schedule, "options": args.options if method != "none" else {},
             "tokens_per_layer": tokens, "gflops": flops / 1e9, "flops_ratio": ratio,
             "images_per_s": main_timing["images_per_s"], "plain_images_per_s": main_timing["plain_images_per_s"],
@@ -470,12 +470,12 @@ def _method(r) -> str:
 
 def pivot(rows, cell, models) -> str:
     """One line per (model, method), one column per keep: the at-a-glance view of the sweep."""
-    keeps = sorted({r["keep"] for r in rows if r["method"] != "none" and r["target_flops"] is None})
+    by_keep = [r for r in rows if r["method"] != "none" and r["target_flops"] is None and not r.get("schedule")]
+    keeps = sorted({r["keep"] for r in by_keep})
     out = f"| model | method | {' | '.join(f'keep {k:g}' for k in keeps)} |\n|---|---|{'---|' * len(keeps)}\n"
     for model in models:
         for method in METHODS[1:]:
-            mine = {r["keep"]: r for r in rows
-                    if r["model"] == model and r["method"] == method and r["target_flops"] is None}
+            mine = {r["keep"]: r for r in by_keep if r["model"] == model and r["method"] == method}
             if mine:
                 out += f"| {model} | {method} | {' | '.join(cell(mine[k]) if k in mine else '–' for k in keeps)} |\n"
     return out
@@ -492,8 +492,13 @@ def summary(rows) -> str:
         text += "; after the fine-tune in brackets" if tuned else ""
         text += ":\n\n" + pivot(rows, lambda r: f"{r['top1']:.2f}" + (
             f" ({r['finetuned_top1']:.2f})" if r["finetuned_top1"] is not None else ""), scored) + "\n"
-    text += "Speed-up over the plain model (share of the ideal 1 / FLOPs ratio):\n\n"
+    text += "Speed-up over the plain model (share of the ideal 1 / FLOPs ratio), first batch size:\n\n"
     text += pivot(rows, lambda r: f"{r['speedup']:.2f}x ({r['speedup_of_ideal'] * 100:.0f}%)", models)
+    named = [r for r in rows if r.get("schedule")]
+    if named:
+        text += "\nAt named schedules (speed-up, share of the ideal):\n\n| model | method | schedule | speed-up |\n|---|---|---|---|\n"
+        text += "".join(f"| {r['model']} | {r['method']} | {r['schedule']} | {r['speedup']:.2f}x "
+                        f"({r['speedup_of_ideal'] * 100:.0f}%) |\n" for r in named)
     return text
 
 
@@ -503,7 +508,7 @@ def markdown(rows) -> str:
     sizes = list(rows[0]["timing"]) if rows else []
     speed_head = "".join(f" img/s b={b} | speed-up b={b} | of ideal b={b} |" for b in sizes)
     head = (f"| model | method | keep | tokens | GFLOPs | FLOPs ratio |{speed_head} reducer share | top-1 "
-            f"| top-1 fine-tuned |\n|{'---|' * (8 + 3 * len(sizes))}\n")
+            f"| top-1 fine-tuned |\n|{'---|' * (9 + 3 * len(sizes))}\n")
     fmt = lambda v, f: "–" if v is None else format(v, f)  # noqa: E731
 
     def cells(t):
@@ -511,10 +516,22 @@ def markdown(rows) -> str:
                 f"{t['speedup_of_ideal'] * 100:.0f}% |")
 
     return head + "".join(
-        f"| {r['model']} | {_method(r)} | {r['keep']:.2f} | {_tokens(r['tokens_per_layer'])} | {r['gflops']:.3f} | "
+        f"| {r['model']} | {_method(r)} | {fmt(r['keep'], '.2f')} | {_tokens(r['tokens_per_layer'])} | {r['gflops']:.3f} | "
         f"{r['flops_ratio']:.3f} |{''.join(cells(t) for t in r['timing'].values())} "
         f"{r['reducer_share'] * 100:.1f}% | {fmt(r['top1'], '.2f')} | {fmt(r['finetuned_top1'], '.2f')} |\n"
         for r in rows)
+
+
+def write_outputs(rows, meta, out: Path):
+    """results.json, the plots and results.md of a sweep (also rebuilds the tables from a results.json)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    plots(rows, out)
+    (out / "results.md").write_text(
+        f"Command: `{meta['command']}`; device: {meta['device']}, batch sizes {meta['batch_sizes']} (plain and "
+        f"pooled timed alternately, {meta['repeats']} repeats, median), fp32, torch {meta['torch']}; top-1 on the "
+        f"first {meta['eval_samples']} test images; the sweep took {meta['wall_minutes']} min\n\n{summary(rows)}\n"
+        f"Every row:\n\n{markdown(rows)}")
 
 
 def main(argv=None):
@@ -558,21 +575,13 @@ def main(argv=None):
         rows += rows_for_model(name, model, args, eval_data)
         print(markdown([r for r in rows if r["model"] == name]), flush=True)
     print(f"sweep done in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
-    table = markdown(rows)
     meta = {"device": args.device if args.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
             "batch_sizes": args.batch_sizes, "repeats": args.repeats, "warmup": args.warmup,
             "eval_samples": args.eval_samples, "torch": torch.__version__,
             "wall_minutes": round((time.perf_counter() - started) / 60, 2),
             "command": " ".join(["python", "recipes/benchmark.py", *(argv if argv is not None else sys.argv[1:])])}
     if args.output_dir:
-        out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-        plots(rows, out)
-        (out / "results.md").write_text(f"Command: `{meta['command']}`; device: {meta['device']}, batch "
-                                        f"sizes {args.batch_sizes} (plain and pooled timed alternately, {args.repeats} repeats, median), fp32, torch {torch.__version__}; top-1 on the first "
-                                        f"{args.eval_samples} test images; the sweep took {meta['wall_minutes']} "
-                                        f"min\n\n{summary(rows)}\nEvery row:\n\n{table}")
+        write_outputs(rows, meta, Path(args.output_dir))
     return rows
 
 
