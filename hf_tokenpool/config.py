@@ -20,7 +20,8 @@ CONFIG_KEY = "token_pooling"  # attribute of `model.config` (and key of config.j
 
 
 def default_pool_after(num_layers: int, num_steps: int = 3) -> list[int]:
-    """Evenly spaced pooling points, as 0-based indices of the layers after which to pool.
+    """Evenly spaced pooling points, as 0-based indices of the layers that pool (before their MLP by
+    default, after the layer with pool_location="after_layer").
 
     12 layers -> after layers 3, 6 and 9 (1-based), i.e. [2, 5, 8]; 6 layers -> after 2, 3 and 5.
     """
@@ -39,8 +40,8 @@ class TokenPoolConfig:
     method: str = field(default="tokenpool", metadata={"help": f"Reducer, one of {METHODS}."})
     pool_after: list[int] | None = field(
         default=None,
-        metadata={"help": "0-based indices of the layers after which to pool (ViT/DeiT). "
-                  "Default: three evenly spaced depths (after layers 3, 6, 9 of 12)."},
+        metadata={"help": "0-based indices of the layers that pool (ViT/DeiT; where in the layer: pool_location). "
+                  "Default: three evenly spaced depths (layers 3, 6, 9 of 12, 1-based)."},
     )
     schedule: list[float] | None = field(
         default=None,
