@@ -2,11 +2,13 @@
 
 Tokens are clustered by squared Euclidean distance, each token weighted by its significance (the
 attention it receives), and every cluster is replaced by one token. Medoids are restricted to real
-tokens, so the pairwise distance matrix is computed once per call.
+tokens, so the pairwise distance matrix is computed once per call. The search starts from the tokens
+that are dearest to fold into a more significant neighbour (`merge_costs`), not from the most
+significant ones: that start is what makes it more faithful than ToMe (docs/fidelity.md).
 
-Cost. The distances are one [N, D] x [D, N] product per image, with D the clustering features:
-the head-averaged attention keys by default (ToMe's metric; 64-d for ViT-B instead of 768-d hidden
-states). An update round is O(N^2) element-wise work: the cost of making token m its cluster's
+Cost. The distances are one [N, D] x [D, N] product per image, with D the clustering features: the
+hidden states while N <= C, else the head-averaged attention keys (metric="auto"; ToMe's metric,
+64-d for ViT-B instead of 768-d). An update round is O(N^2) element-wise work: the cost of making token m its cluster's
 medoid only sums over m's own cluster, sum_j w_j D[j, m] [cluster(j) == cluster(m)], so it is one
 masked reduction of the (precomputed) weighted distance matrix, not a dense [k, N] x [N, N] product.
 
@@ -117,8 +119,9 @@ def merge_costs(dist: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def kmedoids(dist: torch.Tensor, w: torch.Tensor, k: int, iterations: int, init: str = "merge_cost"):
     """Weighted K-Medoids on a [B, N, N] distance matrix: (medoids [B, k], assign [B, N]).
 
-    Initialised with the k heaviest tokens; each round assigns every token to its nearest medoid,
-    then moves each medoid to the member m with the lowest cost sum_{j in cluster} w_j D[j, m].
+    Started from the k tokens with the largest merge costs (init="merge_cost") or the k heaviest
+    ("significance"); each round assigns every token to its nearest medoid, then moves each medoid to
+    the member m with the lowest cost sum_{j in cluster} w_j D[j, m].
     """
     b, n, _ = dist.shape
     arange_k = torch.arange(k, device=dist.device)
