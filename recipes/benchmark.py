@@ -111,7 +111,7 @@ def parse_args(argv=None):
     except (TypeError, ValueError) as err:
         parser.error(f"--option: {err}")
     for name in args.schedules:
-        _fidelity().schedule_settings(name, 12)  # a malformed name fails here, not mid-sweep
+        _recipe("fidelity").schedule_settings(name, 12)  # a malformed name fails here, not mid-sweep
     if args.suite == "none" and not args.model_name_or_path:
         parser.error("--suite none needs at least one --model_name_or_path")
     return args
@@ -127,37 +127,38 @@ class ReducerClock:
     def __enter__(self):
         for name, reducer in REDUCERS.items():
             self._saved[name] = reducer.fn
-
-            def timed(*args, _fn=reducer.fn, **kwargs):
-                start = time.perf_counter()
-                out = _fn(*args, **kwargs)
-                self.seconds += time.perf_counter() - start
-                return out
-
-            object.__setattr__(reducer, "fn", timed)
+            object.__setattr__(reducer, "fn", self._wrap(reducer.fn))
         return self
 
     def __exit__(self, *exc):
         for name, fn in self._saved.items():
             object.__setattr__(REDUCERS[name], "fn", fn)
 
+    def _wrap(self, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            self.seconds += time.perf_counter() - start
+            return out
+
+        return timed
+
 
 class ReducerFlops(ReducerClock):
     """FLOPs counted inside the reducer functions during a forward (torch's counter, nested)."""
 
-    def __enter__(self):
+    def __init__(self):
+        super().__init__()
         self.flops = 0
-        for name, reducer in REDUCERS.items():
-            self._saved[name] = reducer.fn
 
-            def counted(*args, _fn=reducer.fn, **kwargs):
-                with tp.flops.flop_counter_mode() as inner:
-                    out = _fn(*args, **kwargs)
-                self.flops += inner.get_total_flops()
-                return out
+    def _wrap(self, fn):
+        def counted(*args, **kwargs):
+            with tp.flops.flop_counter_mode() as inner:
+                out = fn(*args, **kwargs)
+            self.flops += inner.get_total_flops()
+            return out
 
-            object.__setattr__(reducer, "fn", counted)
-        return self
+        return counted
 
 
 # ViT-B at the four token counts of issue #10: (patch size, image size) -> patch tokens
@@ -325,7 +326,7 @@ def rows_for_model(name, model, args, eval_data=None):
     settings = [("none", None, {})]
     settings += [(m, None, {"keep": k}) for m in args.methods for k in args.keeps]
     if model.config.model_type != "swin":  # named schedules count a token sequence; Swin pools inside windows
-        settings += [(m, s, _fidelity().schedule_settings(s, num_layers, _num_patches(model, one)))
+        settings += [(m, s, _recipe("fidelity").schedule_settings(s, num_layers, _num_patches(model, one)))
                      for m in args.methods for s in args.schedules]
     settings += [(m, None, {"target_flops": t}) for m in args.budget_methods for t in args.target_flops]
     rows = []
@@ -375,23 +376,15 @@ def rows_for_model(name, model, args, eval_data=None):
 def _num_patches(model, one) -> int:
     """Patch tokens entering the first layer (the protected tokens not counted)."""
     counts = tokens_per_layer(model, one)
-    protected = {"vit": 1, "deit": 2}.get(model.config.model_type, 0)
+    protected = tp.adapters.vit.PROTECTED_TOKENS.get(model.config.model_type, 0)
     return counts[0] - protected if counts else 0
 
 
-@functools.lru_cache(maxsize=1)
-def _fidelity():
-    """recipes/fidelity.py as a module (schedule names, the fidelity suite)."""
-    spec = importlib.util.spec_from_file_location("fidelity", Path(__file__).with_name("fidelity.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@functools.lru_cache(maxsize=1)
-def _finetune_recipe():
-    """recipes/finetune.py as a module, loaded once for all the rows that fine-tune."""
-    spec = importlib.util.spec_from_file_location("finetune", Path(__file__).with_name("finetune.py"))
+@functools.lru_cache(maxsize=None)
+def _recipe(name: str):
+    """A sibling script (recipes/<name>.py) as a module, loaded once: fidelity.py for the schedule names
+    and the fidelity suite, finetune.py for the fine-tuned column."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -402,7 +395,7 @@ def finetuned_top1(args, name, method, keep):
     if not args.finetune or (args.finetune_keeps and keep not in args.finetune_keeps) or name not in CHECKPOINT_PATHS:
         return None
     with tempfile.TemporaryDirectory() as out:
-        results = _finetune_recipe().main([
+        results = _recipe("finetune").main([
             "--model_name_or_path", str(CHECKPOINT_PATHS[name]), "--dataset_name", args.dataset_name,
             "--method", method, "--keep", str(keep), "--max_train_steps", str(args.finetune_steps),
             "--max_eval_samples", str(args.eval_samples), "--output_dir", f"{out}/run", "--seed", "0"])
@@ -539,7 +532,7 @@ def main(argv=None):
     started = time.perf_counter()
     torch.set_num_threads(args.threads)
     if args.suite == "fidelity":
-        return _fidelity().main([*(["--output_dir", args.output_dir] if args.output_dir else []),
+        return _recipe("fidelity").main([*(["--output_dir", args.output_dir] if args.output_dir else []),
                                  "--threads", str(args.threads)])
     if args.suite in ("reducer_cost", "compile"):
         rows = reducer_cost_rows(args) if args.suite == "reducer_cost" else compile_rows(args)
