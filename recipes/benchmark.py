@@ -571,7 +571,7 @@ def main(argv=None):
     meta = {"device": args.device if args.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
             "batch_sizes": args.batch_sizes, "repeats": args.repeats, "warmup": args.warmup,
             "eval_samples": args.eval_samples, "torch": torch.__version__,
-            "wall_minutes": round((time.perf_counter() - started) / 60, 2),
+            "wall_minutes": (time.perf_counter() - started) / 60,
             "command": " ".join(["python", "recipes/benchmark.py", *(argv if argv is not None else sys.argv[1:])])}
     if args.output_dir:
         write_outputs(rows, meta, Path(args.output_dir))

@@ -398,7 +398,7 @@ def fine_tune(args, accelerator, model, train, collate, *, teacher=None, output_
         if output_dir is not None and args.checkpointing_steps == "epoch":
             save_checkpoint(accelerator, output_dir, step)
     progress.close()
-    record = {"train_steps": step, "train_minutes": round((time.perf_counter() - started) / 60, 2),
+    record = {"train_steps": step, "train_minutes": (time.perf_counter() - started) / 60,
               "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup, "lr_after_step": lr_after_step}
     return accelerator.unwrap_model(model), record
 
@@ -453,7 +453,7 @@ def model_card(args, results, model, train_split, eval_split) -> ModelCard:
         names = ("plain, fine-tuned (baseline)", "pooled, off the shelf", "pooled, fine-tuned")
         story = (f"{source} got a new classification head for the dataset's {len(model.config.id2label)} classes "
                  f"and was fine-tuned on `{dataset}` (split `{train_split}`) for {results['train_steps']} steps "
-                 f"({results['train_minutes']} min) with **token pooling** applied by `hf_tokenpool`. The baseline is "
+                 f"({results['train_minutes']:.2f} min) with **token pooling** applied by `hf_tokenpool`. The baseline is "
                  "the plain model fine-tuned the same way (same steps, learning rate, batch and seed), so the table "
                  "compares pooled and plain at equal training; \"off the shelf\" is that fine-tuned plain model, "
                  "pooled, without further training.")
@@ -461,13 +461,13 @@ def model_card(args, results, model, train_split, eval_split) -> ModelCard:
         names = ("plain (untrained head)", "pooled, off the shelf (untrained head)", "pooled, fine-tuned")
         story = (f"{source} got a new classification head for the dataset's {len(model.config.id2label)} classes "
                  f"and was fine-tuned on `{dataset}` (split `{train_split}`) for {results['train_steps']} steps "
-                 f"({results['train_minutes']} min) with **token pooling** applied by `hf_tokenpool`. No plain "
+                 f"({results['train_minutes']:.2f} min) with **token pooling** applied by `hf_tokenpool`. No plain "
                  "baseline was trained (`--no_plain_baseline`): the first two rows carry the untrained head, so this "
                  "card has no accuracy to compare the pooled model with.")
     else:
         names = ("plain", "pooled, off the shelf", "pooled, fine-tuned")
         story = (f"{source} with **token pooling** applied by `hf_tokenpool`, then fine-tuned for "
-                 f"{results['train_steps']} steps ({results['train_minutes']} min) on `{dataset}` (split "
+                 f"{results['train_steps']} steps ({results['train_minutes']:.2f} min) on `{dataset}` (split "
                  f"`{train_split}`), the classes the checkpoint was trained for.")
     rows = "\n".join(
         f"| {name} | {r['accuracy']:.2f} | {r['gflops']:.4f} | {_speed_cell(speed, kind)} |"
