@@ -523,7 +523,7 @@ def write_outputs(rows, meta, out: Path):
     (out / "results.md").write_text(
         f"Command: `{meta['command']}`; device: {meta['device']}, batch sizes {meta['batch_sizes']} (plain and "
         f"pooled timed alternately, {meta['repeats']} repeats, median), fp32, torch {meta['torch']}; top-1 on the "
-        f"first {meta['eval_samples']} test images; the sweep took {meta['wall_minutes']} min\n\n{summary(rows)}\n"
+        f"first {meta['eval_samples']} test images; the sweep took {meta['wall_minutes']:.1f} min\n\n{summary(rows)}\n"
         f"Every row:\n\n{markdown(rows)}")
 
 

@@ -276,7 +276,7 @@ def main(argv=None):
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
-        (out / "results.md").write_text(f"Command: `{meta['command']}` ({meta['wall_minutes']} min, "
+        (out / "results.md").write_text(f"Command: `{meta['command']}` ({meta['wall_minutes']:.1f} min, "
                                         f"{args.threads} threads)\n\n{text}")
         plot(rows, out)
     return rows
