@@ -156,7 +156,7 @@ class TokenPoolLayer(nn.Module):
         hidden_states = hidden_states + residual
 
         if pools and before_mlp:  # tokenpool: reduce between attention and MLP (ToMe's place)
-            hidden_states, sizes = _pool(hidden_states, sizes, signals, plan)
+            hidden_states, sizes = pool_tokens(hidden_states, sizes, signals, plan)
 
         # Fully Connected
         residual = hidden_states
@@ -166,12 +166,12 @@ class TokenPoolLayer(nn.Module):
         hidden_states = hidden_states + residual
 
         if pools and not before_mlp:  # tokenpool: reduce after the whole layer
-            hidden_states, sizes = _pool(hidden_states, sizes, signals, plan)
+            hidden_states, sizes = pool_tokens(hidden_states, sizes, signals, plan)
         plan.state.sizes[plan.index + 1] = sizes  # tokenpool: sizes out
         return hidden_states
 
 
-def _pool(hidden_states, sizes, signals: Signals, plan: LayerPlan):
+def pool_tokens(hidden_states, sizes, signals: Signals, plan: LayerPlan):
     p = plan.protected
     b, n, _ = hidden_states.shape
     if sizes is None:
