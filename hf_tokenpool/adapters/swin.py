@@ -113,6 +113,86 @@ def window_layout(ws: int, shift: int, height: int, width: int, device) -> Windo
                         region_code=code, stats=torch.cat([stats, code], dim=-1))
 
 
+# ---- per-window clustering, shared with the Swinv2 adapter (swinv2.py) --------------------------------
+
+def window_assignment(plan: BlockPlan, points: torch.Tensor, layout: WindowLayout, ws: int, k: int,
+                      batch_size: int) -> torch.Tensor:
+    """[B*nW, area] cluster of every window token. points: [B*nW, area, C] the clustering features (Swin:
+    the normed tokens; also ToMe's keys). Uniform weights with the spread prior breaking their ties, and a
+    large region code appended so that clusters keep to one shift region (and off padding)."""
+    channels = points.shape[-1]
+    ones = points.new_ones(points.shape[:2], dtype=torch.float32)
+    options = {name: getattr(plan.config, name) for name in plan.reducer.options}
+    if "iterations" in options:
+        options["iterations"] = min(options["iterations"], SWIN_MAX_ITERATIONS)
+    if plan.config.method == "tome":
+        signals, features = Signals(keys=points), points
+    else:
+        prior = plan.priors.get(ws) or spread_prior(ws)  # patch time covers the usual window sizes
+        signals = Signals(significance=1.0 + 1e-3 * torch.tensor(prior, device=points.device).expand_as(ones))
+        features = points
+        if layout.region_code is not None:
+            code = (layout.region_code * (10.0 * math.sqrt(channels))).to(points.dtype).repeat(batch_size, 1, 1)
+            features = torch.cat([points, code], dim=-1)
+        if "metric" in options:
+            options["metric"] = "tokens"  # the points (+ region code) are the features here
+        if plan.config.method == "tokenpool":
+            options["output"] = "assign"  # only the assignment: the adapters average the raw tokens
+    return plan.reducer.fn(features, ones, k, signals, **options).assign
+
+
+def window_clusters(assign: torch.Tensor, k: int, raw: torch.Tensor, layout: WindowLayout, batch_size: int):
+    """From the [B*nW, area] assignment: members [B*nW, k, area] (one-hot, raw's dtype), sizes [B*nW, k]
+    (float32, every cluster non-empty), stats [B*nW, k, 2 + regions] (coordinate sums, region counts) and
+    the centres [B*nW, k, C] (cluster means of raw), all by batched matmuls with the one-hot."""
+    num_windows, area, _ = raw.shape
+    one_hot = torch.zeros(num_windows, k, area, dtype=torch.float32, device=raw.device)
+    one_hot.scatter_(1, assign.unsqueeze(1), 1.0)  # [B*nW, k, area]
+    sizes = one_hot.sum(-1)
+    stats = torch.bmm(one_hot, layout.stats.repeat(batch_size, 1, 1))
+    members = one_hot if raw.dtype == torch.float32 else one_hot.to(raw.dtype)
+    centres = torch.bmm(members, raw) / sizes.unsqueeze(-1).to(raw.dtype)
+    return members, sizes, stats, centres
+
+
+def mean_positions(stats: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    """[B*nW, k, 2] float (row, col) of each cluster's mean position in its window."""
+    return stats[..., :2] / sizes.unsqueeze(-1)
+
+
+def bias_at_mean_positions(table: torch.Tensor, stats, sizes, ws: int) -> torch.Tensor:
+    """[B*nW, heads, k, k]: a [(2ws-1)^2, heads] relative-position table read at the offsets of the
+    clusters' rounded mean positions."""
+    centre = mean_positions(stats, sizes).round_().long()  # [W, k, 2]
+    flat = centre[..., 0] * (2 * ws - 1) + centre[..., 1]
+    # upstream's flat relative index (dy + ws - 1) * (2ws - 1) + (dx + ws - 1), from flat positions
+    index = flat[:, :, None] - flat[:, None, :] + (ws - 1) * (2 * ws)
+    return table.index_select(0, index.view(-1)).view(*index.shape, -1).permute(0, 3, 1, 2)  # [W, h, k, k]
+
+
+def region_bias(stats, sizes, num_regions: int, proportional: bool, masked: float = -100.0):
+    """The float32 attention-bias term for the shift mask and proportional attention, broadcastable to
+    [B*nW, heads, k, k], or None when there is none: log(members of key cluster d in the query cluster's
+    majority region), or that count divided by d's size without proportional attention; `masked` where it is 0."""
+    k = sizes.shape[1]
+    if num_regions == 1:  # every key member is visible to every query cluster
+        return sizes.log()[:, None, None, :] if proportional else None
+    # members of each key cluster per region; the query cluster's region is its majority region
+    counts = stats[..., 2:]  # [W, k, regions]
+    query_region = counts.argmax(-1)  # [W, k]
+    visible = counts.gather(2, query_region[:, None, :].expand(-1, k, -1)).transpose(1, 2)  # [W, q, key]
+    if not proportional:
+        visible = visible / sizes[:, None, :]
+    mask = torch.where(visible > 0, visible.clamp_min(1e-6).log(), torch.full_like(visible, masked))
+    return mask[:, None]
+
+
+def spread_attention(members: torch.Tensor, sizes: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Per-token attention maps [B*nW, heads, area, area] from the clusters' [B*nW, heads, k, k]: each
+    cluster's attention spread evenly over its members (rows still sum to one)."""
+    return members.transpose(1, 2)[:, None] @ probs @ (members / sizes.unsqueeze(-1))[:, None]
+
+
 class TokenPoolSwinLayer(nn.Module):
     """Replaces transformers.models.swin.modeling_swin.SwinLayer.forward (5.x) in pooled blocks; the
     window handling (set_shift_and_window_size, maybe_pad, cyclic_shift, window_partition) is upstream's.
@@ -142,36 +222,13 @@ class TokenPoolSwinLayer(nn.Module):
 
         grid, _ = self.maybe_pad(hidden_states.view(batch_size, height, width, channels), height, width)
         raw = window_partition(self.cyclic_shift(grid), ws).reshape(-1, area, channels)  # [B*nW, area, C]
-        num_windows = raw.shape[0]
         normed = self.layernorm_before(raw)  # per token, so the same as normalising before partitioning
         if layout.pad is not None:  # ... except that padding positions hold zeros, not LayerNorm(0)
             normed = normed.masked_fill(layout.pad.repeat(batch_size, 1).unsqueeze(-1), 0.0)
 
         # 1. cluster each window (features: normed tokens + a region code that keeps regions apart)
-        ones = normed.new_ones(normed.shape[:2], dtype=torch.float32)
-        options = {name: getattr(plan.config, name) for name in plan.reducer.options}
-        if "iterations" in options:
-            options["iterations"] = min(options["iterations"], SWIN_MAX_ITERATIONS)
-        if plan.config.method == "tome":
-            signals, features = Signals(keys=normed), normed
-        else:
-            prior = plan.priors.get(ws) or spread_prior(ws)  # patch time covers the usual window sizes
-            signals = Signals(significance=1.0 + 1e-3 * torch.tensor(prior, device=normed.device).expand_as(ones))
-            features = normed
-            if layout.region_code is not None:
-                code = (layout.region_code * (10.0 * math.sqrt(channels))).to(normed.dtype).repeat(batch_size, 1, 1)
-                features = torch.cat([normed, code], dim=-1)
-            if "metric" in options:
-                options["metric"] = "tokens"  # the normed tokens (+ region code) are the features here
-            if plan.config.method == "tokenpool":
-                options["output"] = "assign"  # only the assignment: the means below are of the raw tokens
-        assign = plan.reducer.fn(features, ones, k, signals, **options).assign  # [B*nW, area]
-        one_hot = torch.zeros(num_windows, k, area, dtype=torch.float32, device=raw.device)
-        one_hot.scatter_(1, assign.unsqueeze(1), 1.0)  # [B*nW, k, area]
-        sizes = one_hot.sum(-1)  # [B*nW, k], every cluster non-empty
-        stats = torch.bmm(one_hot, layout.stats.repeat(batch_size, 1, 1))  # [B*nW, k, 2 + regions]
-        members = one_hot if raw.dtype == torch.float32 else one_hot.to(raw.dtype)
-        centres = torch.bmm(members, raw) / sizes.unsqueeze(-1).to(raw.dtype)  # [B*nW, k, C]
+        assign = window_assignment(plan, normed, layout, ws, k, batch_size)
+        members, sizes, stats, centres = window_clusters(assign, k, raw, layout, batch_size)
 
         # 2. the block on the centres, with Swin's geometry carried over to the clusters
         bias = self._cluster_bias(stats, sizes, ws, layout.num_regions, plan.config.proportional_attention)
@@ -189,7 +246,7 @@ class TokenPoolSwinLayer(nn.Module):
         attn_weights = None
         if want_probs:
             # per token: each cluster's attention spread evenly over its members, [B*nW, heads, area, area]
-            attn_weights = members.transpose(1, 2)[:, None] @ probs @ (members / sizes.unsqueeze(-1))[:, None]
+            attn_weights = spread_attention(members, sizes, probs)
         return grid.reshape(batch_size, height * width, channels), attn_weights
 
     def _cluster_bias(self, stats, sizes, ws, num_regions, proportional):
@@ -198,25 +255,10 @@ class TokenPoolSwinLayer(nn.Module):
         The relative position bias is read at the clusters' rounded mean positions; the mask term is
         log(members of key cluster d in the query cluster's majority region), or that count divided by
         d's size without proportional attention (-100 where it is 0)."""
-        k = sizes.shape[1]
-        centre = (stats[..., :2] / sizes.unsqueeze(-1)).round_().long()  # [W, k, 2]
-        flat = centre[..., 0] * (2 * ws - 1) + centre[..., 1]
-        # upstream's flat relative index (dy + ws - 1) * (2ws - 1) + (dx + ws - 1), from flat positions
-        index = flat[:, :, None] - flat[:, None, :] + (ws - 1) * (2 * ws)
         table = self.attention.relative_position_bias.relative_position_bias_table  # [(2ws-1)^2, heads]
-        bias = table.index_select(0, index.view(-1)).view(*index.shape, -1).permute(0, 3, 1, 2)  # [W, h, k, k]
-        if num_regions == 1:  # every key member is visible to every query cluster
-            if not proportional:
-                return bias
-            return bias + sizes.log()[:, None, None, :].to(bias.dtype)
-        # members of each key cluster per region; the query cluster's region is its majority region
-        counts = stats[..., 2:]  # [W, k, regions]
-        query_region = counts.argmax(-1)  # [W, k]
-        visible = counts.gather(2, query_region[:, None, :].expand(-1, k, -1)).transpose(1, 2)  # [W, q, key]
-        if not proportional:
-            visible = visible / sizes[:, None, :]
-        mask = torch.where(visible > 0, visible.clamp_min(1e-6).log(), torch.full_like(visible, -100.0))
-        return bias + mask[:, None].to(bias.dtype)
+        bias = bias_at_mean_positions(table, stats, sizes, ws)
+        mask = region_bias(stats, sizes, num_regions, proportional)
+        return bias if mask is None else bias + mask.to(bias.dtype)
 
     def _attention(self, hidden_states, bias, want_probs: bool):
         """SwinAttention's projections and attention, with a [W, heads, k, k] bias (mirrors
