@@ -10,13 +10,14 @@ import transformers
 from torch import nn
 
 from .adapters.swin import SwinAdapter
+from .adapters.swinv2 import Swinv2Adapter
 from .adapters.vit import ViTAdapter
 from .config import CONFIG_KEY, TokenPoolConfig
 from .flops import count_flops
 
 # model_type -> adapter. ViT and DeiT share one adapter; an unknown type raises with this list.
 _VIT = ViTAdapter()
-ADAPTERS = {"vit": _VIT, "deit": _VIT, "swin": SwinAdapter()}
+ADAPTERS = {"vit": _VIT, "deit": _VIT, "swin": SwinAdapter(), "swinv2": Swinv2Adapter()}
 SUPPORTED_CLASSES = tuple(dict.fromkeys(name for a in ADAPTERS.values() for name in a.model_classes))
 # Heads that need every token back, and why they cannot be pooled.
 UNSUPPORTED_HEADS = {
@@ -24,6 +25,8 @@ UNSUPPORTED_HEADS = {
     "DeiTForMaskedImageModeling": "masked image modelling reconstructs every patch, so no token may be pooled",
     "SwinForMaskedImageModeling": "masked image modelling reconstructs every patch, so no token may be pooled",
     "SwinBackbone": "a backbone's feature maps are read by a downstream head; only classification is supported",
+    "Swinv2ForMaskedImageModeling": "masked image modelling reconstructs every patch, so no token may be pooled",
+    "Swinv2Backbone": "a backbone's feature maps are read by a downstream head; only classification is supported",
 }
 _OPTION_NAMES = tuple(f.name for f in dataclasses.fields(TokenPoolConfig))
 

@@ -285,6 +285,7 @@ class SwinAdapter:
     model_classes = ("SwinModel", "SwinForImageClassification")
     methods = ("tokenpool", "kmeans", "tome")
     method_note = "topk keeps what the class token attends to, and Swin has no class token"
+    layer_class = TokenPoolSwinLayer  # the pooled block (Swinv2Adapter swaps in its own)
 
     @staticmethod
     def blocks(base) -> list[nn.Module]:
@@ -304,7 +305,7 @@ class SwinAdapter:
             sizes = {block.window_size, min(block.input_resolution)}  # upstream shrinks ws to a small grid
             priors = {ws: spread_prior(ws) for ws in sizes if ws <= block.window_size}
             block._tokenpool = BlockPlan(keep, reducer, config, priors)
-            swap_class(block, TokenPoolSwinLayer)
+            swap_class(block, self.layer_class)
 
     def unpatch(self, base) -> None:
         for block in self.blocks(base):
