@@ -1,4 +1,5 @@
-"""hf_tokenpool: Token Pooling (Marin et al., WACV 2023) for Hugging Face ViT, DeiT and Swin.
+"""hf_tokenpool: Token Pooling (Marin et al., WACV 2023) for Hugging Face vision transformers: ViT, DeiT,
+DINOv2, CLIP, SigLIP and Swin (SUPPORTED_CLASSES lists every class).
 
     import hf_tokenpool
     hf_tokenpool.patch_model(model, keep=0.6)      # in place; fewer tokens, fewer FLOPs
@@ -13,7 +14,9 @@ from .patch import (
     from_pretrained,
     is_patched,
     load_model,
+    num_layers,
     patch_model,
+    protected_tokens,
     unpatch_model,
 )
 from .reducers import REDUCERS
@@ -30,7 +33,9 @@ __all__ = [
     "images_per_second",
     "is_patched",
     "load_model",
+    "num_layers",
     "patch_model",
+    "protected_tokens",
     "time_interleaved",
     "unpatch_model",
 ]

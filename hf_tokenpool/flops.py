@@ -41,15 +41,24 @@ def flop_counter_mode(**kwargs) -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping=dict(MISSING_FLOP_FORMULAS), **kwargs)
 
 
+def image_forward(model: nn.Module, pixel_values: torch.Tensor):
+    """One forward on images: `get_image_features` for image-text models (CLIPModel, SiglipModel, whose
+    forward also needs text), the model itself otherwise."""
+    if hasattr(model, "get_text_features") and hasattr(model, "get_image_features"):
+        return model.get_image_features(pixel_values=pixel_values)
+    return model(pixel_values=pixel_values)
+
+
 @torch.no_grad()
 def count_flops(model: nn.Module, pixel_values: torch.Tensor) -> int:
-    """FLOPs of one forward pass: matmuls, convolutions and attention (SDPA on every device), as counted
-    by torch.utils.flop_counter. Element-wise work (softmax, norms, activations) is not counted."""
+    """FLOPs of one forward pass on images (image-text models: their image features): matmuls,
+    convolutions and attention (SDPA on every device), as counted by torch.utils.flop_counter.
+    Element-wise work (softmax, norms, activations) is not counted."""
     was_training = model.training
     model.eval()
     try:
         with flop_counter_mode() as counter:
-            model(pixel_values=pixel_values)
+            image_forward(model, pixel_values)
     finally:
         model.train(was_training)
     return counter.get_total_flops()
@@ -58,7 +67,7 @@ def count_flops(model: nn.Module, pixel_values: torch.Tensor) -> int:
 def _timed_forward(model: nn.Module, pixel_values: torch.Tensor, sync) -> float:
     sync()
     start = time.perf_counter()
-    model(pixel_values=pixel_values)
+    image_forward(model, pixel_values)
     sync()
     return time.perf_counter() - start
 

@@ -9,15 +9,33 @@ import torch
 import transformers
 from torch import nn
 
+from .adapters.beit import BeitAdapter
+from .adapters.clip import CLIP
+from .adapters.dinov2 import DINOV2
+from .adapters.siglip import SIGLIP
 from .adapters.swin import SwinAdapter
 from .adapters.swinv2 import Swinv2Adapter
-from .adapters.vit import ViTAdapter
+from .adapters.vit import VIT, ViTAdapter
 from .config import CONFIG_KEY, TokenPoolConfig
 from .flops import count_flops
 
-# model_type -> adapter. ViT and DeiT share one adapter; an unknown type raises with this list.
-_VIT = ViTAdapter()
-ADAPTERS = {"vit": _VIT, "deit": _VIT, "swin": SwinAdapter(), "swinv2": Swinv2Adapter()}
+
+
+def _by_type(adapter) -> dict:
+    return dict.fromkeys(adapter.model_types, adapter)
+
+
+# model_type -> adapter, one line per family; an unknown type raises with this list.
+ADAPTERS = {
+    **_by_type(ViTAdapter(VIT)),  # vit, deit
+    **_by_type(ViTAdapter(DINOV2)),  # dinov2, dinov2_with_registers
+    **_by_type(ViTAdapter(CLIP)),  # clip, clip_vision_model
+    **_by_type(ViTAdapter(SIGLIP)),  # siglip, siglip_vision_model
+    "swin": SwinAdapter(),
+    "swinv2": Swinv2Adapter(),
+}
+_BEIT = BeitAdapter()  # BEiT and Data2VecVision share one adapter
+ADAPTERS.update({"beit": _BEIT, "data2vec-vision": _BEIT})
 SUPPORTED_CLASSES = tuple(dict.fromkeys(name for a in ADAPTERS.values() for name in a.model_classes))
 # Heads that need every token back, and why they cannot be pooled.
 UNSUPPORTED_HEADS = {
@@ -27,6 +45,10 @@ UNSUPPORTED_HEADS = {
     "SwinBackbone": "a backbone's feature maps are read by a downstream head; only classification is supported",
     "Swinv2ForMaskedImageModeling": "masked image modelling reconstructs every patch, so no token may be pooled",
     "Swinv2Backbone": "a backbone's feature maps are read by a downstream head; only classification is supported",
+    "BeitForMaskedImageModeling": "masked image modelling predicts every patch's visual token, so no token may be pooled",
+    "BeitForSemanticSegmentation": "semantic segmentation reads every patch of four layers back as feature maps",
+    "BeitBackbone": "a backbone's feature maps are read by a downstream head; only classification is supported",
+    "Data2VecVisionForSemanticSegmentation": "semantic segmentation reads every patch of four layers back as feature maps",
 }
 _OPTION_NAMES = tuple(f.name for f in dataclasses.fields(TokenPoolConfig))
 
@@ -48,7 +70,26 @@ def _adapter_and_base(model: nn.Module):
     if adapter is None or name not in adapter.model_classes:
         raise ValueError(f"{name} (model_type={model_type!r}) is not supported by hf_tokenpool. Supported "
                          f"model types: {', '.join(sorted(ADAPTERS))}; classes: {', '.join(SUPPORTED_CLASSES)}")
-    return adapter, model.base_model
+    return adapter, target(adapter, model)
+
+
+def target(adapter, model: nn.Module) -> nn.Module:
+    """What an adapter patches: the whole model for the plain-ViT families (`whole_model`: the vision
+    tower may sit inside CLIPModel, and heads that average tokens are patched too), else the base model."""
+    return model if getattr(adapter, "whole_model", False) else model.base_model
+
+
+def num_layers(model: nn.Module) -> int:
+    """Encoder layers (Swin: blocks) that a schedule has one entry for."""
+    adapter, base = _adapter_and_base(model)
+    return adapter.num_layers(base)
+
+
+def protected_tokens(model: nn.Module) -> int | None:
+    """Leading tokens that are never pooled (CLS, distillation token, registers; 0 for SigLIP), or None
+    for windowed models (Swin), which pool inside windows and keep their grid between blocks."""
+    adapter, base = _adapter_and_base(model)
+    return adapter.protected_tokens(base) if hasattr(adapter, "protected_tokens") else None
 
 
 def is_patched(model: nn.Module) -> bool:
@@ -105,10 +146,11 @@ def unpatch_model(model: nn.Module) -> nn.Module:
 
 
 def _dummy_pixels(model: nn.Module) -> torch.Tensor:
-    size = model.config.image_size
+    config = getattr(model.config, "vision_config", model.config)  # CLIPModel, SiglipModel: the vision tower's
+    size = config.image_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     param = next(model.parameters())
-    return torch.zeros(1, model.config.num_channels, height, width, dtype=param.dtype, device=param.device)
+    return torch.zeros(1, config.num_channels, height, width, dtype=param.dtype, device=param.device)
 
 
 def _solve_keep(model, adapter, base, config: TokenPoolConfig) -> float:

@@ -260,10 +260,11 @@ def timed(fn, repeats: int, sync, warmup: int = 1) -> tuple[float, float]:
 
 @torch.no_grad()
 def tokens_per_layer(model, pixels) -> list[int] | None:
-    """Tokens entering each encoder layer (ViT/DeiT; None for Swin, whose blocks pool inside windows)."""
-    layers = getattr(model.base_model, "layers", None)
-    if layers is None:
+    """Tokens entering each encoder layer (None for Swin, whose blocks pool inside windows)."""
+    if tp.protected_tokens(model) is None:
         return None
+    adapter = tp.ADAPTERS[model.config.model_type]
+    layers = adapter.layers(tp.patch.target(adapter, model))
     counts = []
 
     def record(module, args, kwargs):
@@ -271,7 +272,7 @@ def tokens_per_layer(model, pixels) -> list[int] | None:
 
     hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
     try:
-        model(pixel_values=pixels)
+        tp.flops.image_forward(model, pixels)
     finally:
         for hook in hooks:
             hook.remove()
@@ -322,10 +323,10 @@ def rows_for_model(name, model, args, eval_data=None):
     plain_flops = tp.count_flops(model, one)
     plain_acc = top1(model, *eval_data) if eval_data else None
     adapter = tp.ADAPTERS[model.config.model_type]
-    num_layers = adapter.num_layers(model.base_model)
+    num_layers = tp.num_layers(model)
     settings = [("none", None, {})]
     settings += [(m, None, {"keep": k}) for m in args.methods for k in args.keeps]
-    if model.config.model_type != "swin":  # named schedules count a token sequence; Swin pools inside windows
+    if tp.protected_tokens(model) is not None:  # named schedules count a token sequence; Swin pools in windows
         settings += [(m, s, _recipe("fidelity").schedule_settings(s, num_layers, _num_patches(model, one)))
                      for m in args.methods for s in args.schedules]
     settings += [(m, None, {"target_flops": t}) for m in args.budget_methods for t in args.target_flops]
@@ -376,8 +377,7 @@ def rows_for_model(name, model, args, eval_data=None):
 def _num_patches(model, one) -> int:
     """Patch tokens entering the first layer (the protected tokens not counted)."""
     counts = tokens_per_layer(model, one)
-    protected = tp.adapters.vit.PROTECTED_TOKENS.get(model.config.model_type, 0)
-    return counts[0] - protected if counts else 0
+    return counts[0] - (tp.protected_tokens(model) or 0) if counts else 0
 
 
 @functools.lru_cache(maxsize=None)

@@ -134,7 +134,7 @@ def compare(plain: torch.Tensor, pooled: torch.Tensor, labels: torch.Tensor) -> 
 @torch.no_grad()
 def tokens_after_layers(model, one) -> list[int] | None:
     """Patch tokens after each layer (ViT/DeiT); None for Swin, which keeps its grid between blocks."""
-    protected = tp.adapters.vit.PROTECTED_TOKENS.get(model.config.model_type)
+    protected = tp.protected_tokens(model)
     if protected is None:
         return None
     out = model(pixel_values=one, output_hidden_states=True).hidden_states
@@ -182,7 +182,7 @@ def rows_for_model(path: str, args) -> list[dict]:
     pixels, labels = eval_split(path, args)
     plain = logits_of(model, pixels, args.batch_size)
     plain_flops = tp.count_flops(model, pixels[:1])
-    num_layers = tp.ADAPTERS[model.config.model_type].num_layers(model.base_model)
+    num_layers = tp.num_layers(model)
     num_patches = (tokens_after_layers(model, pixels[:1]) or [0])[0]
     name = Path(path).name
     rows = [{"model": name, "method": "none", "variant": None, "schedule": "plain", "flops_ratio": 1.0,

@@ -1,10 +1,23 @@
 import pytest
 import torch
 from transformers import (
+    CLIPConfig,
+    CLIPForImageClassification,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
     DeiTConfig,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
     DeiTModel,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersForImageClassification,
+    SiglipConfig,
+    SiglipForImageClassification,
+    SiglipVisionConfig,
+    SiglipVisionModel,
     SwinConfig,
     SwinForImageClassification,
     SwinModel,
@@ -17,6 +30,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 VIT_SHAPE = dict(hidden_size=32, num_hidden_layers=6, num_attention_heads=2, intermediate_size=64,
                  image_size=32, patch_size=4, num_labels=5)
+DINO_SHAPE = dict(hidden_size=32, num_hidden_layers=6, num_attention_heads=2, mlp_ratio=2, image_size=32,
+                  patch_size=4, num_labels=5)
+TOWER_SHAPE = {k: v for k, v in VIT_SHAPE.items() if k != "num_labels"}  # CLIP / SigLIP vision towers
 SWIN_SHAPE = dict(image_size=32, patch_size=2, embed_dim=16, depths=[2, 2], num_heads=[2, 4], window_size=4,
                   num_labels=5)
 
@@ -29,8 +45,15 @@ TINY_MODELS = {
     "deit-base": lambda: DeiTModel(DeiTConfig(**VIT_SHAPE)),
     "swin": lambda: SwinForImageClassification(SwinConfig(**SWIN_SHAPE)),
     "swin-base": lambda: SwinModel(SwinConfig(**SWIN_SHAPE)),
+    "dinov2": lambda: Dinov2ForImageClassification(Dinov2Config(**DINO_SHAPE)),
+    "dinov2-base": lambda: Dinov2Model(Dinov2Config(**DINO_SHAPE)),
+    "dinov2-registers": lambda: Dinov2WithRegistersForImageClassification(
+        Dinov2WithRegistersConfig(**DINO_SHAPE, num_register_tokens=4)),
+    "clip": lambda: CLIPForImageClassification(CLIPConfig(vision_config=TOWER_SHAPE, num_labels=5)),
+    "clip-vision": lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**TOWER_SHAPE)),
+    "siglip": lambda: SiglipForImageClassification(SiglipConfig(vision_config=TOWER_SHAPE, num_labels=5)),
+    "siglip-vision": lambda: SiglipVisionModel(SiglipVisionConfig(**TOWER_SHAPE)),
 }
-PROTECTED = {"vit": 1, "deit": 2}
 
 
 def make(name: str):
@@ -44,10 +67,17 @@ def make(name: str):
     return model
 
 
+def main_output(out):
+    """Logits, else the image embedding (CLIP's projection), else the last hidden state."""
+    for name in ("logits", "image_embeds", "last_hidden_state"):
+        if getattr(out, name, None) is not None:
+            return getattr(out, name)
+    raise AssertionError(f"no output in {type(out).__name__}")
+
+
 def output_of(model, pixels, **kwargs):
     with torch.no_grad():
-        out = model(pixel_values=pixels, **kwargs)
-    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+        return main_output(model(pixel_values=pixels, **kwargs))
 
 
 @pytest.fixture

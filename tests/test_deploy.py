@@ -10,12 +10,14 @@ import sys
 
 import pytest
 import torch
-from conftest import TINY_MODELS, VIT_SHAPE, make, output_of
+from conftest import TINY_MODELS, VIT_SHAPE, main_output, make, output_of
 
 import hf_tokenpool as tp
 
 CASES = [(n, m) for n in ("vit", "deit-teacher", "swin") for m in ("tokenpool", "kmeans", "tome", "topk")
          if m in tp.ADAPTERS[make(n).config.model_type].methods]
+# the other families share the ViT code path: one method each, chosen to cover every reducer
+CASES += [("dinov2-registers", "tokenpool"), ("clip", "topk"), ("siglip", "kmeans"), ("siglip-vision", "tome")]
 IDS = [f"{n}-{m}" for n, m in CASES]
 
 
@@ -53,14 +55,16 @@ def test_torch_export_equals_eager_on_new_inputs(name, method, pixels, new_pixel
     program = torch.export.export(model, (), {"pixel_values": pixels})
     with torch.no_grad():
         out = program.module()(pixel_values=new_pixels)
-    torch.testing.assert_close(out.logits, output_of(model, new_pixels), rtol=0, atol=1e-4)
+    torch.testing.assert_close(main_output(out), output_of(model, new_pixels), rtol=0, atol=1e-4)
     # no host synchronisation: no torch.equal, no .item() (aten._local_scalar_dense)
     assert not {"aten.equal.default", "aten._local_scalar_dense.default"} & {str(n.target) for n in program.graph.nodes}
 
 
 @pytest.mark.parametrize("name,method", [("vit", "tokenpool"), ("deit-teacher", "tome"), ("vit", "topk"),
-                                         ("swin", "tokenpool"), ("swin", "kmeans")],
-                         ids=["vit-tokenpool", "deit-tome", "vit-topk", "swin-tokenpool", "swin-kmeans"])
+                                         ("swin", "tokenpool"), ("swin", "kmeans"), ("dinov2-registers", "tokenpool"),
+                                         ("siglip", "tokenpool"), ("clip", "tome")],
+                         ids=["vit-tokenpool", "deit-tome", "vit-topk", "swin-tokenpool", "swin-kmeans",
+                              "dinov2-registers-tokenpool", "siglip-tokenpool", "clip-tome"])
 def test_onnx_export_runs_in_onnxruntime(name, method, pixels, new_pixels, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
@@ -82,7 +86,7 @@ def test_jit_trace_is_correct_on_new_inputs(name, method, pixels, new_pixels):
             self.inner = inner
 
         def forward(self, pixel_values):
-            return self.inner(pixel_values=pixel_values).logits
+            return main_output(self.inner(pixel_values=pixel_values))
 
     with torch.no_grad():
         traced = torch.jit.trace(Logits(model), (pixels,), check_trace=False)
@@ -103,8 +107,9 @@ def test_pickle_torch_save_and_deepcopy_round_trip(name, method, pixels):
         assert type(copy_) is type(make(name))
 
 
-def test_a_pickled_model_loads_in_a_fresh_process(pixels, tmp_path):
-    model = patched("vit", "tokenpool")
+@pytest.mark.parametrize("name", ["vit", "dinov2-registers", "siglip"])
+def test_a_pickled_model_loads_in_a_fresh_process(name, pixels, tmp_path):
+    model = patched(name, "tokenpool")
     torch.save(model, tmp_path / "model.pt")
     torch.save(pixels, tmp_path / "pixels.pt")
     torch.save(output_of(model, pixels), tmp_path / "expected.pt")
@@ -126,11 +131,12 @@ def test_meta_device_forward_gives_the_shapes(name, method):
     model = make(name).to("meta")
     tp.patch_model(model, keep=0.5, method=method)
     with torch.no_grad():
-        out = model(pixel_values=torch.empty(2, 3, 32, 32, device="meta"))
-    assert out.logits.shape == (2, 5) and out.logits.device.type == "meta"
+        out = main_output(model(pixel_values=torch.empty(2, 3, 32, 32, device="meta")))
+    assert out.device.type == "meta" and out.shape[0] == 2
+    assert out.shape == output_of(patched(name, method), torch.zeros(2, 3, 32, 32)).shape
 
 
-@pytest.mark.parametrize("name", ["vit", "deit"])
+@pytest.mark.parametrize("name", ["vit", "deit", "dinov2", "clip"])
 @pytest.mark.parametrize("location", ["before_mlp", "after_layer"])
 def test_attention_maps_one_per_layer_as_long_as_its_input(name, location, pixels):
     model = TINY_MODELS[name]()

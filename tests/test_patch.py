@@ -4,14 +4,14 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import PROTECTED, SWIN_SHAPE, TINY_MODELS, VIT_SHAPE, make, output_of
+from conftest import SWIN_SHAPE, TINY_MODELS, VIT_SHAPE, make, output_of
 from transformers import AutoModelForImageClassification, BertConfig, BertModel, ViTConfig, ViTForMaskedImageModeling
 
 import hf_tokenpool as tp
 from hf_tokenpool.config import TokenPoolConfig, default_pool_after
 
 ALL = list(TINY_MODELS)
-VIT_LIKE = [n for n in ALL if not n.startswith("swin")]
+VIT_LIKE = [n for n in ALL if tp.protected_tokens(make(n)) is not None]  # pool a token sequence
 
 
 def methods_for(name):
@@ -60,13 +60,15 @@ def test_save_and_from_pretrained_round_trip(name, pixels, tmp_path):
     torch.testing.assert_close(output_of(plain, pixels), expected, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", VIT_LIKE)
-@pytest.mark.parametrize("method", ["tokenpool", "kmeans", "tome", "topk"])
+SEQUENCE_CASES = [(n, m) for n, m in CASES if n in VIT_LIKE]
+
+
+@pytest.mark.parametrize("name,method", SEQUENCE_CASES, ids=[f"{n}-{m}" for n, m in SEQUENCE_CASES])
 def test_token_counts_follow_schedule(name, method, pixels):
     model = tp.patch_model(make(name), keep=0.6, method=method)
     with torch.no_grad():
         hidden = model(pixel_values=pixels, output_hidden_states=True).hidden_states
-    p = PROTECTED[model.config.model_type]
+    p = tp.protected_tokens(model)
     keeps = TokenPoolConfig(keep=0.6).layer_keeps(VIT_SHAPE["num_hidden_layers"])
     expected = [64] + TokenPoolConfig.num_tokens(64, keeps)
     assert [h.shape[1] - p for h in hidden] == expected
@@ -87,10 +89,11 @@ def test_explicit_per_layer_schedule(pixels):
     assert [h.shape[1] - 1 for h in hidden] == [64, 58, 52, 47, 42, 38, 34]
 
 
-@pytest.mark.parametrize("name", ["vit", "deit-teacher"])
+@pytest.mark.parametrize("name", ["vit", "deit-teacher", "dinov2-registers"])
 def test_protected_tokens_pass_through(name, pixels):
     model = make(name)
-    p = PROTECTED[model.config.model_type]
+    p = tp.protected_tokens(model)
+    assert p == {"vit": 1, "deit-teacher": 2, "dinov2-registers": 5}[name]
     with torch.no_grad():
         plain = model(pixel_values=pixels, output_hidden_states=True).hidden_states
         tp.patch_model(model, keep=0.5)
@@ -119,7 +122,7 @@ def test_other_resolution(name):
         out = model(pixel_values=pixels, output_hidden_states=True, **kwargs)
     assert torch.isfinite(out.logits).all()
     if name != "swin":
-        p = PROTECTED[model.config.model_type]
+        p = tp.protected_tokens(model)
         assert out.hidden_states[-1].shape[1] - p == TokenPoolConfig.num_tokens(144, model_keeps(model))[-1]
 
 
@@ -242,8 +245,10 @@ def test_topk_needs_a_class_token():
 
 def test_unsupported_models():
     bert = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64))
-    with pytest.raises(ValueError, match="not supported.*Supported model types: deit, swin, vit") as err:
+    with pytest.raises(ValueError, match="not supported.*Supported model types: ") as err:
         tp.patch_model(bert)
+    types = str(err.value).split("model types: ")[1].split(";")[0].split(", ")
+    assert types == sorted(tp.ADAPTERS) and {"vit", "deit", "dinov2", "clip", "siglip", "swin"} <= set(types)
     listed = str(err.value).split("classes: ")[1].split(", ")
     assert len(listed) == len(set(listed)) == len(tp.SUPPORTED_CLASSES)  # each class named once
     mim = ViTForMaskedImageModeling(ViTConfig(**{**VIT_SHAPE, "encoder_stride": 4}))

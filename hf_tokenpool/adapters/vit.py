@@ -1,19 +1,27 @@
-"""ViT and DeiT: pool the token sequence inside chosen encoder layers.
+"""The plain-ViT families (ViT, DeiT; DINOv2, CLIP, SigLIP in their own small files): pool the token
+sequence inside chosen encoder layers.
 
 Data path (everything a reader needs is in this file and `reducers/`):
 
-    pixels -> embeddings (CLS [+ distillation] + patches) -> layer 0 .. layer L-1 -> layernorm -> head
-                                                             |
+    pixels -> embeddings (protected tokens + patches) -> layer 0 .. layer L-1 -> [norm] -> head
+                                                         |
         a pooling layer: attention (probabilities only if the reducer needs them)
             -> [pool here: location="before_mlp", ToMe's place] -> MLP -> [or here: "after_layer"]
         pooling = split off the protected tokens -> reducer(patch tokens, sizes, k, signals) -> concat
 
-Patching swaps the `__class__` of the base model, each encoder layer and its attention to a subclass
-defined here; no parameter or buffer is added, so `state_dict` keys never change. The subclasses are
-module-level names (`TokenPoolViTLayer`, ...), so a patched model pickles and `torch.save`s. The little
-per-forward state (how many patches each token stands for) lives in one `PoolState` shared by the
-layers of a model. Nothing in the forward reads a tensor's value on the host, so a patched model
-compiles without graph breaks and exports (torch.export, ONNX).
+These families share one pre-norm block, x + out1(attn(norm1(x))), then x + out2(mlp(norm2(x))); they
+differ only in names (`norm1` is `layernorm_before`, `norm1` or `layer_norm1`; `out1` is dropout,
+DINOv2's layer scale and drop path, or nothing), in their protected tokens (CLS, DeiT's distillation
+token, DINOv2's registers, none for SigLIP), in where the vision tower sits (inside CLIPModel, ...)
+and in heads that average tokens. A `Family` records those differences; `TokenPoolLayer` is one
+forward for all of them. Heads that average tokens get a size-weighted mean (`token_mean`).
+
+Patching swaps the `__class__` of the tower, each encoder layer, its attention and such heads to a
+subclass defined here or in the family's file; no parameter or buffer is added, so `state_dict` keys
+never change. The subclasses are module-level names (`TokenPoolViTLayer`, ...), so a patched model
+pickles and `torch.save`s. The little per-forward state (how many patches each token stands for)
+lives in one `PoolState` shared by the layers of a model. Nothing in the forward reads a tensor's
+value on the host, so a patched model compiles without graph breaks and exports (torch.export, ONNX).
 """
 
 from __future__ import annotations
@@ -37,7 +45,6 @@ except ImportError:  # transformers versions without the registry record by hook
 from ..config import TokenPoolConfig
 from ..reducers import REDUCERS, Reducer, Signals
 
-PROTECTED_TOKENS = {"vit": 1, "deit": 2}  # CLS; CLS + distillation token. Never pooled.
 _PROBABILITY_SIGNALS = frozenset({"significance", "cls_attention"})
 
 
@@ -50,11 +57,37 @@ class PoolState:
     sizes: dict[int, torch.Tensor | None] = field(default_factory=dict)
     record: bool = False
     assignments: dict[int, torch.Tensor] = field(default_factory=dict)
+    num_layers: int = 0
+
+    def output_sizes(self) -> torch.Tensor | None:
+        """[B, N] patches per token of the encoder's output (None when nothing was pooled)."""
+        return self.sizes.get(self.num_layers)
 
     def __getstate__(self):
         # per-forward tensors are not part of a model (after torch.export they are fake tensors that
         # cannot be pickled): a pickled, saved or deep-copied model starts with an empty state
-        return {"sizes": {}, "record": self.record, "assignments": {}}
+        return {"sizes": {}, "record": self.record, "assignments": {}, "num_layers": self.num_layers}
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one plain-ViT family calls things. Defaults are ViT's names."""
+
+    model_types: tuple[str, ...]
+    model_classes: tuple[str, ...]  # the classes patch_model accepts
+    towers: tuple[type, ...]  # upstream classes whose encoder layers are pooled, found inside the model
+    protected: dict[str, int]  # the tower config's model_type -> leading tokens never pooled (CLS, ...)
+    registers: str | None = None  # config attribute with more protected tokens (DINOv2's registers)
+    layers: str = "layers"  # attribute path of the layer list in the tower
+    norm1: str = "layernorm_before"
+    attention: str = "attention"
+    attention_out: tuple[str, ...] = ("dropout",)  # applied to the attention output before the residual
+    norm2: str = "layernorm_after"
+    mlp: str = "mlp"
+    mlp_out: tuple[str, ...] = ("dropout",)
+    heads: tuple[tuple[type, type], ...] = ()  # (upstream class, mixin): heads that average tokens
+    methods: tuple[str, ...] = ("tokenpool", "kmeans", "tome", "topk")
+    method_note: str = "all reducers apply"
 
 
 @dataclass
@@ -65,6 +98,7 @@ class LayerPlan:
     reducer: Reducer
     config: TokenPoolConfig
     state: PoolState
+    family: Family | None = None  # names of the layer's parts (None: ViT's)
 
 
 def project_qkv(attn: nn.Module, hidden_states: torch.Tensor):
@@ -75,7 +109,8 @@ def project_qkv(attn: nn.Module, hidden_states: torch.Tensor):
 
 
 def attention_with_signals(attn: nn.Module, hidden_states, bias, needs: frozenset[str], want_probs: bool):
-    """ViTAttention/DeiTAttention forward that also returns the signals a reducer asked for.
+    """ViTAttention's forward (and DINOv2's, CLIP's, SigLIP's, which differ only in names) that also
+    returns the signals a reducer asked for.
 
     Explicit softmax only where probabilities are needed (significance, CLS attention, or an `eager`
     model returning its attention maps); SDPA everywhere else. Mirrors
@@ -83,10 +118,12 @@ def attention_with_signals(attn: nn.Module, hidden_states, bias, needs: frozense
     """
     b, n, _ = hidden_states.shape
     q, k, v = project_qkv(attn, hidden_states)
-    dropout = attn.attention_dropout if attn.training else 0.0
+    scaling = attn.scaling if hasattr(attn, "scaling") else attn.scale  # ViT, DINOv2 / CLIP, SigLIP
+    out_proj = attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj
+    dropout = (attn.attention_dropout if hasattr(attn, "attention_dropout") else attn.dropout) if attn.training else 0.0
     signals, probs = Signals(), None
     if want_probs or needs & _PROBABILITY_SIGNALS:
-        logits = torch.matmul(q, k.transpose(2, 3)) * attn.scaling
+        logits = torch.matmul(q, k.transpose(2, 3)) * scaling
         if bias is not None:
             logits = logits + bias
         probs = logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
@@ -98,22 +135,23 @@ def attention_with_signals(attn: nn.Module, hidden_states, bias, needs: frozense
             signals.cls_attention = probs.detach()[:, :, 0, :].float().mean(1)
         out = torch.matmul(F.dropout(probs, p=dropout, training=attn.training), v)
     else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=attn.scaling)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scaling)
     if "keys" in needs:
         signals.keys = k.detach().mean(1)
-    out = attn.o_proj(out.transpose(1, 2).contiguous().reshape(b, n, -1))
+    out = out_proj(out.transpose(1, 2).contiguous().reshape(b, n, -1))
     return out, (probs if want_probs else None), signals
 
 
 class TokenPoolModel(nn.Module):
-    """Base-model subclass (ViTModel, DeiTModel): refuses an attention mask, which cannot follow merged
-    tokens, and otherwise runs upstream's forward. The mask that upstream builds itself when none is
-    given (it does so under torch.export) sees every token, so the layers may drop it."""
+    """Tower subclass (ViTModel, Dinov2Model, CLIPVisionModel, ...): refuses an attention mask, which
+    cannot follow merged tokens, and otherwise runs upstream's forward. The mask that upstream builds
+    itself when none is given (it does so under torch.export) sees every token, so the layers may drop it."""
 
     def forward(self, *args, **kwargs):
         mask = kwargs.get("attention_mask")
-        if mask is None and len(args) > self._tokenpool_mask_position:
-            mask = args[self._tokenpool_mask_position]
+        position = self._tokenpool_mask_position
+        if mask is None and position is not None and len(args) > position:
+            mask = args[position]
         if mask is not None:
             raise ValueError("attention_mask cannot be used with token pooling: tokens are merged, so a per-token "
                              "mask no longer applies. Call without attention_mask, or unpatch_model(model) first.")
@@ -133,11 +171,13 @@ class TokenPoolAttention(nn.Module):
 
 
 class TokenPoolLayer(nn.Module):
-    """Copied from transformers.models.vit.modeling_vit.ViTLayer.forward (5.x; DeiTLayer is identical).
-    Changed lines are marked `# tokenpool:`."""
+    """The pre-norm block of every plain-ViT family, as transformers.models.vit.modeling_vit.ViTLayer.forward
+    (5.x) writes it, with the family's names (DINOv2Layer, CLIPEncoderLayer and SiglipEncoderLayer compute
+    the same). Changed lines are marked `# tokenpool:`."""
 
     def forward(self, hidden_states, attention_mask=None, **kwargs):
         plan: LayerPlan = self._tokenpool
+        names = plan.family or VIT
         sizes = plan.state.sizes.get(plan.index) if plan.index > 0 else None  # tokenpool: sizes in
         pools = plan.keep < 1.0
         before_mlp = plan.config.pool_location == "before_mlp"
@@ -149,10 +189,12 @@ class TokenPoolLayer(nn.Module):
 
         # Self Attention
         residual = hidden_states
-        hidden_states = self.layernorm_before(hidden_states)
+        hidden_states = getattr(self, names.norm1)(hidden_states)
         # tokenpool: the mask is dropped (TokenPoolModel refuses a user's mask) and the signals come back
-        hidden_states, _, signals = self.attention(hidden_states, None, tokenpool_bias=bias, tokenpool_needs=needs, **kwargs)
-        hidden_states = self.dropout(hidden_states)
+        hidden_states, _, signals = getattr(self, names.attention)(
+            hidden_states, None, tokenpool_bias=bias, tokenpool_needs=needs, **kwargs)
+        for name in names.attention_out:  # dropout; DINOv2: layer scale, drop path
+            hidden_states = getattr(self, name)(hidden_states)
         hidden_states = hidden_states + residual
 
         if pools and before_mlp:  # tokenpool: reduce between attention and MLP (ToMe's place)
@@ -160,15 +202,25 @@ class TokenPoolLayer(nn.Module):
 
         # Fully Connected
         residual = hidden_states
-        hidden_states = self.layernorm_after(hidden_states)
-        hidden_states = self.mlp(hidden_states)
-        hidden_states = self.dropout(hidden_states)
+        hidden_states = getattr(self, names.norm2)(hidden_states)
+        hidden_states = getattr(self, names.mlp)(hidden_states)
+        for name in names.mlp_out:
+            hidden_states = getattr(self, name)(hidden_states)
         hidden_states = hidden_states + residual
 
         if pools and not before_mlp:  # tokenpool: reduce after the whole layer
             hidden_states, sizes = pool_tokens(hidden_states, sizes, signals, plan)
         plan.state.sizes[plan.index + 1] = sizes  # tokenpool: sizes out
         return hidden_states
+
+
+def token_mean(tokens: torch.Tensor, sizes: torch.Tensor | None) -> torch.Tensor:
+    """Mean over dim 1 of [B, N, C] tokens, each weighted by the patches it stands for ([B, N]; None: a
+    plain mean), so a head that averages tokens sees the average of the patches, as before pooling."""
+    if sizes is None:
+        return tokens.mean(dim=1)
+    w = sizes.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * w).sum(dim=1) / w.sum(dim=1)
 
 
 def pool_tokens(hidden_states, sizes, signals: Signals, plan: LayerPlan):
@@ -211,7 +263,9 @@ def pooled_class(mixin: type, cls: type) -> type:
             return module.__dict__[name]
     attrs = {"_tokenpool_original": cls, "__module__": module.__name__, "__qualname__": name}
     if mixin is TokenPoolModel:
-        attrs["_tokenpool_mask_position"] = list(inspect.signature(cls.forward).parameters).index("attention_mask") - 1
+        parameters = list(inspect.signature(cls.forward).parameters)
+        attrs["_tokenpool_mask_position"] = (parameters.index("attention_mask") - 1
+                                             if "attention_mask" in parameters else None)
     sub = type(name, (mixin, cls), attrs)
     setattr(module, name, sub)
     if _CAN_RECORD_REGISTRY is not None and getattr(cls, "_can_record_outputs", None) is not None:
@@ -231,45 +285,83 @@ def restore_class(module: nn.Module, *attributes: str) -> None:
 
 
 class ViTAdapter:
-    """ViT and DeiT share everything but the number of protected tokens."""
+    """One adapter per plain-ViT `Family`. It receives the whole model (`whole_model`): the tower can sit
+    inside another model (CLIPModel.vision_model) and heads that average tokens are patched as well."""
 
-    model_types = ("vit", "deit")
-    methods = ("tokenpool", "kmeans", "tome", "topk")
-    method_note = "all reducers apply"
-    model_classes = (
-        "ViTModel", "ViTForImageClassification",
-        "DeiTModel", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher",
-    )
+    whole_model = True
 
-    @staticmethod
-    def num_layers(base) -> int:
-        return len(base.layers)
+    def __init__(self, family: Family):
+        self.family = family
+        self.model_types, self.model_classes = family.model_types, family.model_classes
+        self.methods, self.method_note = family.methods, family.method_note
 
-    def patch(self, base, config: TokenPoolConfig) -> None:
-        keeps = config.layer_keeps(len(base.layers))
-        state = PoolState()
+    def tower(self, model: nn.Module) -> nn.Module:
+        for module in model.modules():
+            if isinstance(module, self.family.towers):
+                return module
+        raise ValueError(f"{type(model).__name__} has no {' or '.join(t.__name__ for t in self.family.towers)} inside")
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        layers = self.tower(model)
+        for name in self.family.layers.split("."):
+            layers = getattr(layers, name)
+        return layers
+
+    def num_layers(self, model) -> int:
+        return len(self.layers(model))
+
+    def protected_tokens(self, model) -> int:
+        config = self.tower(model).config
+        registers = getattr(config, self.family.registers, 0) if self.family.registers else 0
+        return self.family.protected[config.model_type] + registers
+
+    def patch(self, model, config: TokenPoolConfig) -> None:
+        tower, layers = self.tower(model), self.layers(model)
+        keeps = config.layer_keeps(len(layers))
+        state = PoolState(num_layers=len(layers))
         reducer = REDUCERS[config.method]
-        protected = PROTECTED_TOKENS[base.config.model_type]
-        for i, (layer, keep) in enumerate(zip(base.layers, keeps)):
-            layer._tokenpool = LayerPlan(i, keep, protected, reducer, config, state)
+        protected = self.protected_tokens(model)
+        for i, (layer, keep) in enumerate(zip(layers, keeps)):
+            layer._tokenpool = LayerPlan(i, keep, protected, reducer, config, state, self.family)
             swap_class(layer, TokenPoolLayer)
-            swap_class(layer.attention, TokenPoolAttention)
-        base._tokenpool_state = state
-        swap_class(base, TokenPoolModel)
+            swap_class(getattr(layer, self.family.attention), TokenPoolAttention)
+        tower._tokenpool_state = state
+        swap_class(tower, TokenPoolModel)
+        for module in model.modules():  # heads that average tokens read the sizes from the tower's state
+            mixin = next((m for cls, m in self.family.heads if type(module) is cls), None)
+            if mixin is not None:
+                module._tokenpool_state = state
+                swap_class(module, mixin)
 
-    def unpatch(self, base) -> None:
-        for layer in base.layers:
+    def unpatch(self, model) -> None:
+        for layer in self.layers(model):
             restore_class(layer, "_tokenpool")
-            restore_class(layer.attention)
-        restore_class(base, "_tokenpool_state")
+            restore_class(getattr(layer, self.family.attention))
+        for module in model.modules():
+            if hasattr(type(module), "_tokenpool_original") and "_tokenpool_state" in module.__dict__:
+                restore_class(module, "_tokenpool_state")
 
-    @staticmethod
-    def is_patched(base) -> bool:
-        return "_tokenpool_state" in base.__dict__
+    def is_patched(self, model) -> bool:
+        return "_tokenpool_state" in self.tower(model).__dict__
 
 
-for _module in (modeling_vit, modeling_deit):
-    _prefix = "ViT" if _module is modeling_vit else "DeiT"
-    pooled_class(TokenPoolModel, getattr(_module, f"{_prefix}Model"))
-    pooled_class(TokenPoolLayer, getattr(_module, f"{_prefix}Layer"))
-    pooled_class(TokenPoolAttention, getattr(_module, f"{_prefix}Attention"))
+def predefine(tower: type, layer: type, attention: type, heads: tuple[tuple[type, type], ...] = ()) -> None:
+    """Create the pooled subclasses of one family's upstream classes at import, so that a pickled model
+    loads in a fresh process (the heads' subclasses live in the mixin's module)."""
+    pooled_class(TokenPoolModel, tower)
+    pooled_class(TokenPoolLayer, layer)
+    pooled_class(TokenPoolAttention, attention)
+    for cls, mixin in heads:
+        pooled_class(mixin, cls)
+
+
+VIT = Family(
+    model_types=("vit", "deit"),
+    model_classes=("ViTModel", "ViTForImageClassification",
+                   "DeiTModel", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher"),
+    towers=(modeling_vit.ViTModel, modeling_deit.DeiTModel),
+    protected={"vit": 1, "deit": 2},  # CLS (+ DeiT's distillation token)
+)
+
+predefine(modeling_vit.ViTModel, modeling_vit.ViTLayer, modeling_vit.ViTAttention)
+predefine(modeling_deit.DeiTModel, modeling_deit.DeiTLayer, modeling_deit.DeiTAttention)
