@@ -33,9 +33,8 @@ ADAPTERS = {
     **_by_type(ViTAdapter(SIGLIP)),  # siglip, siglip_vision_model
     "swin": SwinAdapter(),
     "swinv2": Swinv2Adapter(),
+    **_by_type(BeitAdapter()),  # beit, data2vec-vision
 }
-_BEIT = BeitAdapter()  # BEiT and Data2VecVision share one adapter
-ADAPTERS.update({"beit": _BEIT, "data2vec-vision": _BEIT})
 SUPPORTED_CLASSES = tuple(dict.fromkeys(name for a in ADAPTERS.values() for name in a.model_classes))
 # Heads that need every token back, and why they cannot be pooled.
 UNSUPPORTED_HEADS = {
