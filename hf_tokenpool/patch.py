@@ -144,8 +144,14 @@ def unpatch_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def vision_config(model: nn.Module):
+    """The config with the image settings (image_size, num_channels): CLIP's and SigLIP's vision_config,
+    else the model's own."""
+    return getattr(model.config, "vision_config", model.config)
+
+
 def _dummy_pixels(model: nn.Module) -> torch.Tensor:
-    config = getattr(model.config, "vision_config", model.config)  # CLIPModel, SiglipModel: the vision tower's
+    config = vision_config(model)
     size = config.image_size
     height, width = (size, size) if isinstance(size, int) else tuple(size)
     param = next(model.parameters())

@@ -32,8 +32,16 @@ import torch
 from tqdm.auto import tqdm
 from transformers import (
     AutoImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
     DeiTConfig,
     DeiTForImageClassificationWithTeacher,
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
     SwinConfig,
     SwinForImageClassification,
     ViTConfig,
@@ -45,12 +53,21 @@ import hf_tokenpool as tp  # noqa: E402
 from hf_tokenpool.reducers import REDUCERS  # noqa: E402
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
-# Standard shapes at 224, random init: what the cost numbers are about.
+# Standard shapes, random init: what the cost numbers are about.
+_B16 = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, patch_size=16,
+            image_size=224)
+_DINO_S14 = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14,
+                 image_size=518)  # 37 x 37 = 1369 patches
 SHAPES = {
     "deit-s16-224": lambda: DeiTForImageClassificationWithTeacher(
         DeiTConfig(hidden_size=384, num_attention_heads=6, intermediate_size=1536, num_labels=1000)),
     "vit-b16-224": lambda: ViTForImageClassification(ViTConfig(num_labels=1000)),
     "swin-t-224": lambda: SwinForImageClassification(SwinConfig(num_labels=1000)),
+    "clip-b16-224": lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**_B16, projection_dim=512)),
+    "siglip-b16-224": lambda: SiglipVisionModel(SiglipVisionConfig(**_B16)),  # no CLS; attention-pooling head
+    "dinov2-s14-518": lambda: Dinov2Model(Dinov2Config(**_DINO_S14)),
+    "dinov2-reg-s14-518": lambda: Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**_DINO_S14,
+                                                                                      num_register_tokens=4)),
 }
 METHODS = ("none", "tokenpool", "kmeans", "tome", "topk")
 
@@ -62,6 +79,8 @@ def parse_args(argv=None):
                         default="all", help="all: checkpoints and shapes; reducer_cost: the reducers' FLOPs at "
                         "196-4096 tokens; compile: torch.compile time, graph breaks and speed of each method on the "
                         "checkpoints; fidelity: recipes/fidelity.py's suite; none: only --model_name_or_path")
+    parser.add_argument("--shapes", nargs="+", default=None, choices=sorted(SHAPES),
+                        help="only these standard shapes (suite shapes/all); default: all of them")
     parser.add_argument("--model_name_or_path", action="append", default=[],
                         help="extra model(s): Hub id or local folder (repeatable)")
     parser.add_argument("--methods", nargs="+", default=list(METHODS[1:]), choices=METHODS[1:])
@@ -197,8 +216,8 @@ def compile_rows(args) -> list[dict]:
     rows = []
     for path in sorted(p for p in CHECKPOINTS.iterdir() if (p / "config.json").exists()):
         model = tp.load_model(str(path)).eval()
-        size = model.config.image_size
-        batch = torch.randn(args.batch_sizes[0], model.config.num_channels, size, size)
+        vision = tp.patch.vision_config(model)
+        batch = torch.randn(args.batch_sizes[0], vision.num_channels, vision.image_size, vision.image_size)
         for method in args.methods:
             if method not in tp.ADAPTERS[model.config.model_type].methods:
                 continue
@@ -314,9 +333,10 @@ def speed(plain, pooled, batches: dict, args) -> dict:
 def rows_for_model(name, model, args, eval_data=None):
     device = torch.device(args.device)
     model = model.to(device).eval()
-    size = model.config.image_size
+    vision = tp.patch.vision_config(model)  # CLIP/SigLIP classifiers: the vision tower's
+    size = vision.image_size
     torch.manual_seed(0)
-    batches = {b: torch.randn(b, model.config.num_channels, size, size, device=device) for b in args.batch_sizes}
+    batches = {b: torch.randn(b, vision.num_channels, size, size, device=device) for b in args.batch_sizes}
     one = next(iter(batches.values()))[:1]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     reset_peak_memory = torch.cuda.reset_peak_memory_stats if device.type == "cuda" else (lambda: None)
@@ -553,7 +573,7 @@ def main(argv=None):
     if args.suite in ("all", "checkpoints"):
         models += [(p.name, None, p) for p in sorted(CHECKPOINTS.iterdir()) if (p / "config.json").exists()]
     if args.suite in ("all", "shapes"):
-        models += [(name, factory, None) for name, factory in SHAPES.items()]
+        models += [(name, factory, None) for name, factory in SHAPES.items() if not args.shapes or name in args.shapes]
     CHECKPOINT_PATHS.update({name: Path(path) for name, _, path in models if path is not None})
     models += [(Path(p).name, None, p) for p in args.model_name_or_path]
     CHECKPOINT_PATHS.update({Path(p).name: Path(p) for p in args.model_name_or_path if Path(p).exists()})

@@ -622,7 +622,7 @@ def main(argv=None):
         raise ValueError("--distill with a new head needs the plain baseline as its teacher (the head is untrained "
                          "otherwise); drop --no_plain_baseline")
     processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
-    channels = model.config.num_channels
+    channels = tp.patch.vision_config(model).num_channels
 
     def collate(examples):
         # the image processor runs once per batch (not once per image: its per-call cost dominates)

@@ -43,7 +43,7 @@ def reloaded_accuracy(output_dir, dataset_args: list[str], batch_size: int = 256
     _, evaluation, _, _, image_column, label_column = finetune.resolve_dataset(args, raw)
     model = tp.from_pretrained(str(output_dir)).eval()
     processor = AutoImageProcessor.from_pretrained(str(output_dir))
-    mode = "RGB" if model.config.num_channels == 3 else "L"
+    mode = "RGB" if tp.patch.vision_config(model).num_channels == 3 else "L"
     correct = 0
     for start in range(0, len(evaluation), batch_size):
         rows = evaluation[start : start + batch_size]
