@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pretrain a tiny ViT, DeiT (distilled) or Swin on Fashion-MNIST from random init, with accelerate.
+"""Pretrain a tiny ViT, DeiT (distilled), Swin, DINOv2, CLIP-vision or SigLIP on Fashion-MNIST, with accelerate.
 
 The checkpoints in recipes/checkpoints/ were made with this script on a 2-core CPU; their model
 cards hold the exact commands. Follows transformers' run_image_classification_no_trainer.py:
@@ -41,8 +41,16 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForImageClassification,
+    CLIPConfig,
+    CLIPForImageClassification,
     DeiTConfig,
     DeiTForImageClassificationWithTeacher,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersForImageClassification,
+    SiglipConfig,
+    SiglipForImageClassification,
     SwinConfig,
     SwinForImageClassification,
     ViTConfig,
@@ -64,7 +72,9 @@ from hf_tokenpool.data import (  # noqa: E402
 
 logger = get_logger(__name__)
 
-MODEL_TYPES = ("vit", "deit", "swin")
+MODEL_TYPES = ("vit", "deit", "swin", "dinov2", "dinov2_with_registers", "clip", "siglip")
+# Families that --init_from can start from a vit checkpoint (the same encoder under their names).
+FROM_VIT = ("deit", "dinov2", "dinov2_with_registers", "clip", "siglip")
 IMAGE_SIZE = 32
 
 
@@ -95,7 +105,8 @@ def parse_args(argv=None):
     parser.add_argument("--random_crop_padding", type=int, default=0,
                         help="Pixels of zero padding for random-crop augmentation (0: no crop).")
     parser.add_argument("--no_hflip", action="store_true", help="Switch off random horizontal flips.")
-    parser.add_argument("--num_hidden_layers", type=int, default=6, help="Depth of vit/deit (>= 6).")
+    parser.add_argument("--num_hidden_layers", type=int, default=6, help="Depth of the plain ViTs (all but swin; >= 6).")
+    parser.add_argument("--num_register_tokens", type=int, default=4, help="Register tokens of dinov2_with_registers.")
     parser.add_argument("--max_train_samples", type=int, default=None, help="Train on a prefix (quick probes).")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="Evaluate on a prefix (quick probes).")
     parser.add_argument("--logging_steps", type=int, default=50)
@@ -113,9 +124,9 @@ def parse_args(argv=None):
         if not config_file.is_file():
             parser.error(f"--init_from {args.init_from!r} is not a checkpoint folder (no config.json)")
         source_type = json.loads(config_file.read_text())["model_type"]
-        if (source_type, args.model_type) not in {("vit", "vit"), ("deit", "deit"), ("swin", "swin"), ("vit", "deit")}:
-            parser.error(f"--init_from is a {source_type} checkpoint; it can start {source_type} (or deit from vit), "
-                         f"not {args.model_type}")
+        if source_type != args.model_type and not (source_type == "vit" and args.model_type in FROM_VIT):
+            parser.error(f"--init_from is a {source_type} checkpoint; it can start {source_type} (a vit checkpoint "
+                         f"can also start {', '.join(FROM_VIT)}), not {args.model_type}")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
@@ -127,6 +138,8 @@ def parse_args(argv=None):
         parser.error("need --learning_rate > 0, --weight_decay >= 0, 0 <= --label_smoothing < 1")
     if args.num_hidden_layers < 6:
         parser.error("--num_hidden_layers must be >= 6")
+    if args.num_register_tokens < 0:
+        parser.error("--num_register_tokens must be >= 0")
     if not 0 <= args.random_crop_padding <= 8:
         parser.error("--random_crop_padding must be in [0, 8]")
     return args
@@ -135,12 +148,22 @@ def parse_args(argv=None):
 def build_model(args, id2label):
     label2id = {name: i for i, name in id2label.items()}
     common = dict(num_channels=3, image_size=IMAGE_SIZE, id2label=id2label, label2id=label2id)
-    if args.model_type in ("vit", "deit"):
-        shape = dict(hidden_size=192, num_hidden_layers=args.num_hidden_layers, num_attention_heads=3,
-                     intermediate_size=768, patch_size=4)  # 8x8 = 64 patch tokens + CLS (+ distillation)
-        if args.model_type == "vit":
-            return ViTForImageClassification(ViTConfig(**shape, **common))
-        return DeiTForImageClassificationWithTeacher(DeiTConfig(**shape, **common))
+    # Every plain ViT family has the same shape: 8x8 = 64 patch tokens (+ CLS, distillation, registers).
+    shape = dict(hidden_size=192, num_hidden_layers=args.num_hidden_layers, num_attention_heads=3, patch_size=4)
+    if args.model_type == "vit":
+        return ViTForImageClassification(ViTConfig(**shape, intermediate_size=768, **common))
+    if args.model_type == "deit":
+        return DeiTForImageClassificationWithTeacher(DeiTConfig(**shape, intermediate_size=768, **common))
+    if args.model_type == "dinov2":  # layer scale starts at 1: a vit checkpoint maps onto it exactly
+        return Dinov2ForImageClassification(Dinov2Config(**shape, mlp_ratio=4, layerscale_value=1.0, **common))
+    if args.model_type == "dinov2_with_registers":
+        return Dinov2WithRegistersForImageClassification(Dinov2WithRegistersConfig(
+            **shape, mlp_ratio=4, layerscale_value=1.0, num_register_tokens=args.num_register_tokens, **common))
+    if args.model_type in ("clip", "siglip"):  # vision tower + classifier on the mean of the patch tokens
+        vision = dict(**shape, intermediate_size=768, hidden_act="gelu", num_channels=3, image_size=IMAGE_SIZE)
+        config_class, model_class = ((CLIPConfig, CLIPForImageClassification) if args.model_type == "clip"
+                                     else (SiglipConfig, SiglipForImageClassification))
+        return model_class(config_class(vision_config=vision, id2label=id2label, label2id=label2id))
     # Swin: patch 2 -> 16x16 = 256 tokens, 16 windows of 4x4 in stage 1; 8x8 (4 windows) in stage 2;
     # 4x4 (one window) in stage 3. About the ViT's cost per image: each stage ~56M multiply-adds.
     config = SwinConfig(patch_size=2, embed_dim=96, depths=[2, 2, 2], num_heads=[3, 6, 12], window_size=4, **common)
@@ -148,10 +171,21 @@ def build_model(args, id2label):
 
 
 def load_init_weights(model, args):
-    """Copy --init_from's weights into the freshly built model; every parameter must be covered."""
+    """Copy --init_from's weights into the freshly built model; every parameter must be covered, except
+    the parts a vit has no counterpart for (listed in the log)."""
     source = AutoModelForImageClassification.from_pretrained(args.init_from).state_dict()
     if source.keys() == model.state_dict().keys():
         model.load_state_dict(source)
+        return
+    if args.model_type != "deit":
+        mapped = vit_weights_as(args.model_type, source)
+        target = model.state_dict()
+        missing = set(mapped) - set(target)
+        if missing:
+            raise ValueError(f"vit -> {args.model_type}: names not in the new model: {sorted(missing)}")
+        fresh = sorted(set(target) - set(mapped))
+        logger.info(f"vit -> {args.model_type}: {len(mapped)} tensors copied; fresh init for {fresh}")
+        model.load_state_dict({**target, **mapped}, strict=True)
         return
     # vit -> deit: same encoder under another prefix; the distillation token, its position and its head
     # start as copies of the class token's, so that the two heads agree at step 0.
@@ -164,6 +198,56 @@ def load_init_weights(model, args):
             mapped[f"{head}.{part}"] = mapped[f"classifier.{part}"].clone()
     del mapped["classifier.weight"], mapped["classifier.bias"]
     model.load_state_dict(mapped, strict=True)
+
+
+# vit layer parameter names -> each family's, by prefix (first match wins)
+_LAYER_NAMES = {
+    "dinov2": (("layernorm_before", "norm1"), ("layernorm_after", "norm2"), ("", "")),
+    "clip": (("attention.o_proj", "self_attn.out_proj"), ("attention.", "self_attn."),
+             ("layernorm_before", "layer_norm1"), ("layernorm_after", "layer_norm2"), ("", "")),
+}
+
+
+def vit_weights_as(model_type, source):
+    """A vit state_dict under dinov2 / dinov2_with_registers / clip / siglip names (same shape as built by
+    build_model). What has no vit counterpart keeps its fresh init: DINOv2's registers, mask token and
+    layer scale (1.0), CLIP's pre-layernorm, SigLIP's attention-pooling head. Where the names differ but the
+    function is the same the copy is exact: CLIP's bias-free patch embedding gets the bias folded into the
+    patch positions; SigLIP has no CLS, so its positions are the vit's patch positions; DINOv2's classifier
+    reads [CLS, patch mean] and starts with zero weights on the patch mean."""
+    family = "dinov2" if model_type.startswith("dinov2") else "clip"
+    prefix = {"dinov2": "dinov2.", "dinov2_with_registers": "dinov2_with_registers.",
+              "clip": "vision_model.", "siglip": "vision_model."}[model_type]
+    layers = prefix + ("encoder.layer." if family == "dinov2" else "encoder.layers.")
+    out = {}
+    for key, value in source.items():
+        if key.startswith("vit.layers."):
+            index, rest = key[len("vit.layers."):].split(".", 1)
+            old, new = next(pair for pair in _LAYER_NAMES[family] if rest.startswith(pair[0]))
+            out[f"{layers}{index}.{new}{rest[len(old):]}"] = value
+    cls, pos = source["vit.embeddings.cls_token"], source["vit.embeddings.position_embeddings"]
+    weight, bias = (source[f"vit.embeddings.patch_embeddings.projection.{p}"] for p in ("weight", "bias"))
+    final = {f"{prefix}{'layernorm' if family == 'dinov2' else 'post_layernorm'}.{p}": source[f"vit.layernorm.{p}"]
+             for p in ("weight", "bias")}
+    out.update(final)
+    if family == "dinov2":
+        out.update({f"{prefix}embeddings.cls_token": cls, f"{prefix}embeddings.position_embeddings": pos,
+                    f"{prefix}embeddings.patch_embeddings.projection.weight": weight,
+                    f"{prefix}embeddings.patch_embeddings.projection.bias": bias,
+                    "classifier.weight": torch.cat([source["classifier.weight"],
+                                                    torch.zeros_like(source["classifier.weight"])], dim=1),
+                    "classifier.bias": source["classifier.bias"]})
+    elif model_type == "clip":
+        out.update({f"{prefix}embeddings.class_embedding": cls[0, 0],
+                    f"{prefix}embeddings.patch_embedding.weight": weight,
+                    f"{prefix}embeddings.position_embedding.weight": torch.cat([pos[0, :1], pos[0, 1:] + bias]),
+                    "classifier.weight": source["classifier.weight"], "classifier.bias": source["classifier.bias"]})
+    else:
+        out.update({f"{prefix}embeddings.patch_embedding.weight": weight,
+                    f"{prefix}embeddings.patch_embedding.bias": bias,
+                    f"{prefix}embeddings.position_embedding.weight": pos[0, 1:],
+                    "classifier.weight": source["classifier.weight"], "classifier.bias": source["classifier.bias"]})
+    return out
 
 
 def augment(pixels, generator, padding, hflip):
@@ -209,6 +293,15 @@ def write_model_card(folder, args, results, command, id2label):
     if args.model_type == "deit":
         teacher_line += (f"\nDistilled (DeiT hard-label distillation: 0.5 * CE(cls_logits, y) + 0.5 * "
                         f"CE(distillation_logits, argmax teacher)) from the teacher `{args.teacher}`.\n")
+    source_type = (json.loads(Path(args.init_from, "config.json").read_text())["model_type"]
+                   if args.init_from else None)
+    if source_type == "vit" and args.model_type not in ("vit", "deit"):
+        origin = ("starting from the project's own self-pretrained ViT checkpoint: the ViT's weights were mapped "
+                  f"onto {results['architecture']}'s names (recipes/pretrain.py `vit_weights_as`; what a ViT has no "
+                  "counterpart for started fresh), then trained as this architecture")
+    else:
+        origin = "from random initialisation" if not args.init_from and not results["history"] else \
+            "from random initialisation, in the runs listed below"
     card_data = ModelCardData(
         library_name="transformers",
         license="apache-2.0",
@@ -224,7 +317,7 @@ def write_model_card(folder, args, results, command, id2label):
 # {Path(args.output_dir).name}
 
 A tiny `{results["architecture"]}` ({results["num_parameters"] / 1e6:.2f}M parameters, 32x32 RGB input)
-**self-pretrained on Fashion-MNIST from random initialisation** by hf_tokenpool's
+**self-pretrained on Fashion-MNIST {origin}** by hf_tokenpool's
 `recipes/pretrain.py`. It is **not** an ImageNet model and was never trained on anything but the
 60000 Fashion-MNIST training images. It exists so that hf_tokenpool's tests, recipes and
 benchmarks have a real, trained checkpoint of each architecture without network access.
@@ -341,8 +434,9 @@ def main(argv=None):
         teacher.requires_grad_(False).eval()
 
     # Optimizer: no weight decay on biases, norms, embeddings/tokens.
-    no_decay = ("bias", "layernorm", "layer_norm", "norm", "cls_token", "distillation_token",
-                "position_embeddings", "relative_position_bias_table")
+    no_decay = ("bias", "layernorm", "layer_norm", "layrnorm", "norm", "cls_token", "distillation_token",
+                "position_embedding", "relative_position_bias_table", "register_tokens", "class_embedding",
+                "lambda1", "probe")
     params = list(model.named_parameters())
     grouped = [
         {"params": [p for n, p in params if not any(k in n.lower() for k in no_decay)], "weight_decay": args.weight_decay},
