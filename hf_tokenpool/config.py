@@ -69,7 +69,8 @@ class TokenPoolConfig:
                   "states, the attention keys averaged over heads (ToMe's metric, head_dim wide, cheaper), or auto: "
                   "the hidden states while a layer has no more tokens than channels, else the keys."},
     )
-    iterations: int = field(default=5, metadata={"help": "Clustering rounds (tokenpool, kmeans); always run in full."})
+    iterations: int = field(default=5, metadata={"help": "Clustering update rounds after the start (tokenpool, kmeans); "
+                                                          "always run in full. 0: the start and one assignment."})
     output: str = field(
         default="mean",
         metadata={"help": f"tokenpool output, one of {OUTPUTS}: significance-weighted cluster means or the medoids."},
@@ -102,8 +103,9 @@ class TokenPoolConfig:
             raise ValueError(f"unknown metric {self.metric!r}; accepted: {', '.join(METRICS)}")
         if self.output not in OUTPUTS:
             raise ValueError(f"unknown output {self.output!r}; accepted: {', '.join(OUTPUTS)}")
-        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
-            raise ValueError(f"iterations must be a positive integer, got {self.iterations!r}")
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
+            raise ValueError(f"iterations must be an integer >= 0 (0: the start and one assignment), "
+                             f"got {self.iterations!r}")
 
     def layer_keeps(self, num_layers: int) -> list[float]:
         """The resolved schedule: the keep fraction applied after each of `num_layers` layers."""

@@ -49,7 +49,9 @@ VARIANTS = {
     "size_weight": ({}, {"size_weighted": True}),
     "after_layer": ({"pool_location": "after_layer"}, {}),
     "no_proportional": ({"proportional_attention": False}, {}),
+    "iterations=0": ({"iterations": 0}, {}),
     "iterations=1": ({"iterations": 1}, {}),
+    "iterations=2": ({"iterations": 2}, {}),
     "v0.1": ({"pool_location": "after_layer", "metric": "tokens"}, {"init": "significance"}),
 }
 

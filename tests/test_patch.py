@@ -231,6 +231,27 @@ def test_keep_out_of_range(keep):
         tp.patch_model(make("vit"), keep=keep)
 
 
+@pytest.mark.parametrize("iterations", [-1, 1.5, True, "2"])
+def test_iterations_must_be_a_count(iterations):
+    with pytest.raises(ValueError, match="iterations must be an integer >= 0"):
+        TokenPoolConfig(iterations=iterations)
+
+
+def test_zero_iterations_is_the_start_and_one_assignment():
+    """iterations=0: every token goes to the nearest of the merge-cost start's medoids, nothing moves."""
+    from hf_tokenpool.reducers import Signals
+    from hf_tokenpool.reducers.tokenpool import merge_costs, pairwise_sq_dist, stable_descending_order, tokenpool
+
+    torch.manual_seed(3)
+    x, w = torch.randn(2, 20, 8), torch.rand(2, 20) + 0.1
+    result = tokenpool(x, torch.ones(2, 20), 7, Signals(significance=w), iterations=0, metric="tokens")
+    dist = pairwise_sq_dist(x)
+    medoids = stable_descending_order(merge_costs(dist, w))[:, :7]
+    expected = dist.gather(2, medoids.unsqueeze(1).expand(2, 20, 7)).argmin(-1)
+    assert torch.equal(result.assign, expected)
+    assert result.assign.unique(dim=None).numel() == 7
+
+
 def test_unknown_method_and_option():
     with pytest.raises(ValueError, match="unknown method 'dbscan'; accepted methods: tokenpool, kmeans, tome, topk"):
         tp.patch_model(make("vit"), method="dbscan")
