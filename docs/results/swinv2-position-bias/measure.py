@@ -2,7 +2,7 @@
 """Swinv2 position-bias design for clusters: a short self-trained Swinv2 on Fashion-MNIST, then the
 fidelity of pooled variants to it (top-1 agreement, mean KL(plain || pooled)).
 
-    OMP_NUM_THREADS=1 python docs/results/swinv2-position-bias/measure.py train    # ~6 min on one core
+    OMP_NUM_THREADS=1 python docs/results/swinv2-position-bias/measure.py train    # 800 steps, ~9 min on one shared core
     OMP_NUM_THREADS=1 python docs/results/swinv2-position-bias/measure.py measure  # writes results.json here
 
 The model is tiny and briefly trained (not a checkpoint of this project): 32 x 32 inputs (28 x 28 padded),
