@@ -44,12 +44,16 @@ def test_unpatch_restores_exact_model(name, method, pixels):
     torch.testing.assert_close(output_of(model, pixels), plain, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("name", ["vit", "deit-teacher", "swin"])
+@pytest.mark.parametrize("name", ["vit", "vit-base", "deit-teacher", "swin", "dinov2-registers", "clip", "siglip-vision"])
 def test_save_and_from_pretrained_round_trip(name, pixels, tmp_path):
+    import json
+
     model = tp.patch_model(make(name), keep=0.5, iterations=3)
     expected = output_of(model, pixels)
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
+    # config.json names the upstream class, whether or not the top-level class was swapped
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [type(make(name)).__name__]
     loaded = tp.from_pretrained(str(tmp_path))
     assert type(loaded).__name__ == type(model).__name__
     assert loaded.config.token_pooling == TokenPoolConfig(keep=0.5, iterations=3).to_dict()

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.models.deit import modeling_deit
 from transformers.models.vit import modeling_vit
 
@@ -266,7 +267,13 @@ def pooled_class(mixin: type, cls: type) -> type:
         parameters = list(inspect.signature(cls.forward).parameters)
         attrs["_tokenpool_mask_position"] = (parameters.index("attention_mask") - 1
                                              if "attention_mask" in parameters else None)
+    if issubclass(cls, PreTrainedModel):
+        # a pooled model class loads the upstream model: type(model).from_pretrained(...) gives what
+        # transformers would give, and patch_model applies pooling
+        attrs["from_pretrained"] = classmethod(lambda _, *args, **kwargs: cls.from_pretrained(*args, **kwargs))
     sub = type(name, (mixin, cls), attrs)
+    if issubclass(cls, PreTrainedModel):
+        sub.__name__ = cls.__name__  # save_pretrained writes config.architectures from __name__; pickle uses __qualname__
     setattr(module, name, sub)
     if _CAN_RECORD_REGISTRY is not None and getattr(cls, "_can_record_outputs", None) is not None:
         # transformers looks up what output_hidden_states/output_attentions record by str(model class)
