@@ -32,6 +32,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import (
     AutoImageProcessor,
+    BeitConfig,
+    BeitForImageClassification,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
     DeiTConfig,
@@ -44,6 +46,8 @@ from transformers import (
     SiglipVisionModel,
     SwinConfig,
     SwinForImageClassification,
+    Swinv2Config,
+    Swinv2ForImageClassification,
     ViTConfig,
     ViTForImageClassification,
 )
@@ -68,6 +72,9 @@ SHAPES = {
     "dinov2-s14-518": lambda: Dinov2Model(Dinov2Config(**_DINO_S14)),
     "dinov2-reg-s14-518": lambda: Dinov2WithRegistersModel(Dinov2WithRegistersConfig(**_DINO_S14,
                                                                                       num_register_tokens=4)),
+    "beit-b16-224": lambda: BeitForImageClassification(BeitConfig(  # as microsoft/beit-base-patch16-224
+        use_relative_position_bias=True, use_mean_pooling=True, layer_scale_init_value=0.1, num_labels=1000)),
+    "swinv2-t-256": lambda: Swinv2ForImageClassification(Swinv2Config(image_size=256, window_size=8, num_labels=1000)),
 }
 METHODS = ("none", "tokenpool", "kmeans", "tome", "topk")
 
