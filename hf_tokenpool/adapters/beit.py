@@ -398,6 +398,10 @@ class BeitAdapter:
     def num_layers(self, base) -> int:
         return len(self.layers(base))
 
+    @staticmethod
+    def protected_tokens(base) -> int:
+        return PROTECTED_TOKENS
+
     def patch(self, base, config: TokenPoolConfig) -> None:
         family = self.families[base.config.model_type]
         layers = self.layers(base)
