@@ -17,6 +17,10 @@ K-Medoids objective and top-1 of the Fashion-MNIST Swin checkpoint at keep=0.6 w
 images: 83.2% with 1, 82.5% with 2 and 5 iterations), and each iteration is ~10 batched ops over
 thousands of windows. The start is now the merge-cost one (reducers/tokenpool.py; the spread prior
 breaks ties among Swin's uniform weights), which made pooled Swin far more faithful (docs/fidelity.md).
+
+Speed (docs/swin.md, "Speed"): the registered reducers run as Swin-specific versions of the same
+algorithms (window_kmedoids, window_kmeans, window_tome), the shape-only layouts are cached, attention is
+an explicit softmax on contiguous heads, and the shift mask is -1000 rather than -100 (no denormals).
 Patching swaps `SwinLayer.__class__` only: no new parameters, `state_dict` keys unchanged.
 """
 
