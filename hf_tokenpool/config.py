@@ -69,8 +69,11 @@ class TokenPoolConfig:
                   "states, the attention keys averaged over heads (ToMe's metric, head_dim wide, cheaper), or auto: "
                   "the hidden states while a layer has no more tokens than channels, else the keys."},
     )
-    iterations: int = field(default=5, metadata={"help": "Clustering update rounds after the start (tokenpool, kmeans); "
-                                                          "always run in full. 0: the start and one assignment."})
+    iterations: int | None = field(
+        default=None,
+        metadata={"help": "Clustering update rounds after the start (tokenpool, kmeans); always run in full. 0: the "
+                  "start and one assignment. None: the method's default (tokenpool 1, kmeans 5; docs/fidelity.md)."},
+    )
     output: str = field(
         default="mean",
         metadata={"help": f"tokenpool output, one of {OUTPUTS}: significance-weighted cluster means or the medoids."},
@@ -103,9 +106,16 @@ class TokenPoolConfig:
             raise ValueError(f"unknown metric {self.metric!r}; accepted: {', '.join(METRICS)}")
         if self.output not in OUTPUTS:
             raise ValueError(f"unknown output {self.output!r}; accepted: {', '.join(OUTPUTS)}")
-        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
-            raise ValueError(f"iterations must be an integer >= 0 (0: the start and one assignment), "
+        if self.iterations is not None and (isinstance(self.iterations, bool) or not isinstance(self.iterations, int)
+                                            or self.iterations < 0):
+            raise ValueError(f"iterations must be an integer >= 0 (0: the start and one assignment) or None (the "
+                             f"method's default), "
                              f"got {self.iterations!r}")
+
+    def reducer_options(self, names) -> dict:
+        """The settings a reducer takes as keyword options (`names`), leaving out those left to the
+        reducer's own default (None)."""
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
     def layer_keeps(self, num_layers: int) -> list[float]:
         """The resolved schedule: the keep fraction applied after each of `num_layers` layers."""

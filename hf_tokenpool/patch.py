@@ -97,7 +97,7 @@ def is_patched(model: nn.Module) -> bool:
 
 
 def patch_model(model: nn.Module, keep: float | None = None, method: str | None = None, **options) -> nn.Module:
-    """Add token pooling to a `transformers` ViT, DeiT or Swin model, in place; returns the model.
+    """Add token pooling to a `transformers` vision model (docs/families.md lists them), in place; returns it.
 
     keep: fraction of tokens kept at each pooling step (default 0.6). method: "tokenpool" (default),
     "kmeans", "tome" or "topk". options: any other `TokenPoolConfig` field (pool_after, schedule,

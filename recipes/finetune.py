@@ -83,7 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--pool_after", type=int, nargs="+", default=None)
     p.add_argument("--schedule", type=float, nargs="+", default=None)
     p.add_argument("--target_flops", type=float, default=None)
-    p.add_argument("--iterations", type=int, default=5)
+    p.add_argument("--iterations", type=int, default=None,
+                   help="clustering update rounds (default: the method's own, tokenpool 1, kmeans 5)")
     p.add_argument("--pooling_output", default="mean", choices=OUTPUTS)
     p.add_argument("--no_proportional_attention", action="store_true")
     # training

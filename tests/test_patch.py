@@ -256,6 +256,20 @@ def test_zero_iterations_is_the_start_and_one_assignment():
     assert result.assign.unique(dim=None).numel() == 7
 
 
+@pytest.mark.parametrize("name", ["vit", "swin"])
+@pytest.mark.parametrize("method, rounds", [("tokenpool", 1), ("kmeans", 5)])
+def test_default_iterations_are_the_methods_own(name, method, rounds):
+    """iterations=None (the default) leaves the rounds to the method: tokenpool 1, kmeans 5 (capped at 1 in
+    Swin windows); a config that names the count gives the same model, one that names another does not."""
+    torch.manual_seed(0)
+    pixels = torch.randn(3, 3, 32, 32)
+    out = {iterations: output_of(tp.patch_model(make(name), keep=0.5, method=method, iterations=iterations), pixels)
+           for iterations in (None, rounds, 0)}
+    assert TokenPoolConfig().iterations is None
+    assert torch.equal(out[None], out[rounds])
+    assert not torch.allclose(out[None], out[0], atol=1e-6)
+
+
 def test_unknown_method_and_option():
     with pytest.raises(ValueError, match="unknown method 'dbscan'; accepted methods: tokenpool, kmeans, tome, topk"):
         tp.patch_model(make("vit"), method="dbscan")

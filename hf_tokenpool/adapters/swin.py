@@ -190,7 +190,8 @@ def window_assignment(plan: BlockPlan, points: torch.Tensor, layout: WindowLayou
     `window_kmeans`, `window_tome`): with weights that are the same in every window, their start and
     ranks are constants, and only the assignment is needed. A reducer function swapped in from outside
     (an ablation binding its options) runs as it is."""
-    iterations = min(plan.config.iterations, SWIN_MAX_ITERATIONS)
+    iterations = min(SWIN_MAX_ITERATIONS if plan.config.iterations is None else plan.config.iterations,
+                     SWIN_MAX_ITERATIONS)
     fn = plan.reducer.fn
     if fn is _tokenpool:
         return window_kmedoids(points, layout, ws, k, iterations, batch_size)
@@ -199,8 +200,8 @@ def window_assignment(plan: BlockPlan, points: torch.Tensor, layout: WindowLayou
     if fn is _tome:
         return window_tome(points, k)
     ones = points.new_ones(points.shape[:2], dtype=torch.float32)
-    options = {name: getattr(plan.config, name) for name in plan.reducer.options}
-    if "iterations" in options:
+    options = plan.config.reducer_options(plan.reducer.options)
+    if "iterations" in plan.reducer.options:
         options["iterations"] = iterations
     if plan.config.method == "tome":
         signals, features = Signals(keys=points), points

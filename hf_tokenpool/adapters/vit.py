@@ -239,7 +239,7 @@ def pool_tokens(hidden_states, sizes, signals: Signals, plan: LayerPlan):
     if k == n_pool:
         return hidden_states, sizes
     cut = Signals(**{name: None if t is None else t[:, p:] for name, t in vars(signals).items()})
-    options = {name: getattr(plan.config, name) for name in plan.reducer.options}
+    options = plan.config.reducer_options(plan.reducer.options)
     result = plan.reducer.fn(hidden_states[:, p:], sizes[:, p:], k, cut, **options)
     if plan.state.record:
         plan.state.assignments[plan.index] = result.assign
