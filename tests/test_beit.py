@@ -164,6 +164,17 @@ def test_token_counts_follow_schedule(name, method, location, pixels):
     torch.testing.assert_close(counted, sizes[:, 1:])
 
 
+@pytest.mark.parametrize("name", ["beit", "data2vec-shared"])
+def test_blocked_softmax_equals_one_block(name, pixels, monkeypatch):
+    """The relative position bias is sliced with the query rows when the softmax runs in blocks."""
+    from hf_tokenpool.adapters import vit
+
+    expected = out_of(tp.patch_model(make(name), keep=0.5), pixels)
+    monkeypatch.setattr(vit, "_BLOCK_ELEMENTS", 1)
+    blocked = out_of(tp.patch_model(make(name), keep=0.5), pixels)
+    torch.testing.assert_close(blocked, expected, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cls_passes_through_the_pooling_layer(family, pixels):
     model = make(family)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TOWER_SHAPE, make
+from conftest import TOWER_SHAPE, make, output_of
 from transformers import CLIPConfig, CLIPModel, SiglipConfig, SiglipModel
 
 import hf_tokenpool as tp
@@ -75,6 +75,19 @@ def test_siglip_attention_pooling_head_is_proportional(method, pixels):
         head = model.head
         expected = type(head)._tokenpool_original.forward(head, full)
     torch.testing.assert_close(pooled, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, method", [(n, m) for n in ["vit", "deit", "dinov2-registers", "clip", "siglip"]
+                                          for m in ["tokenpool", "topk"] if (n, m) != ("siglip", "topk")])
+def test_blocked_softmax_equals_one_block(name, method, pixels, monkeypatch):
+    """The explicit softmax that gives the significance runs in blocks of query rows at long sequences;
+    forced into blocks of 16 rows here (65 tokens), the pooled model is the one-block model."""
+    from hf_tokenpool.adapters import vit
+
+    expected = output_of(tp.patch_model(make(name), keep=0.5, method=method), pixels)
+    monkeypatch.setattr(vit, "_BLOCK_ELEMENTS", 1)
+    blocked = output_of(tp.patch_model(make(name), keep=0.5, method=method), pixels)
+    torch.testing.assert_close(blocked, expected, rtol=0, atol=1e-5)
 
 
 def test_siglip_has_no_class_token_so_topk_is_refused():
