@@ -98,10 +98,13 @@ def identity_result(tokens: torch.Tensor, sizes: torch.Tensor) -> PoolResult:
 def weighted_mean(tokens: torch.Tensor, weights: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tensor:
     """Per-image weighted cluster means: out[b, c] = sum_{i: assign=c} w_i x_i / sum_{i: assign=c} w_i."""
     b, n, c = tokens.shape
-    w = weights.to(tokens.dtype).unsqueeze(-1)
-    num = tokens.new_zeros(b, k, c).scatter_add_(1, assign.unsqueeze(-1).expand(b, n, c), tokens * w)
-    den = tokens.new_zeros(b, k, 1).scatter_add_(1, assign.unsqueeze(-1), w)
-    return num / den.clamp_min(torch.finfo(tokens.dtype).tiny)
+    w = weights.to(tokens.dtype)
+    # one index_add over the flattened [B * k] clusters: about 2x faster on CPU than scatter_add_ with a
+    # [B, N, C] index
+    flat = (assign + torch.arange(b, device=assign.device).unsqueeze(1) * k).reshape(-1)
+    num = tokens.new_zeros(b * k, c).index_add_(0, flat, (tokens * w.unsqueeze(-1)).reshape(b * n, c))
+    den = w.new_zeros(b * k).index_add_(0, flat, w.reshape(-1))
+    return (num / den.clamp_min(torch.finfo(tokens.dtype).tiny).unsqueeze(-1)).view(b, k, c)
 
 
 def cluster_sizes(sizes: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tensor:
