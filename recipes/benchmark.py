@@ -3,13 +3,14 @@
 
     python recipes/benchmark.py                       # the default sweep: both suites below, every method,
                                                       # keep 0.5-0.8 and FLOPs budgets 0.5-0.7 (tokenpool)
-    python recipes/benchmark.py --suite shapes        # random-init DeiT-S/16, ViT-B/16, Swin-T at 224 (cost)
+    python recipes/benchmark.py --suite shapes        # random-init standard shapes of every family (cost)
     python recipes/benchmark.py --suite checkpoints   # the embedded Fashion-MNIST checkpoints (accuracy + cost)
     python recipes/benchmark.py --model_name_or_path google/vit-base-patch16-224 --keeps 0.6
 
-Per row: GFLOPs per image (torch.utils.flop_counter), images/s (warm-up, then the median of repeated
-batches; the plain model is timed once per model, first; fixed thread count; CUDA-synchronised on a
-GPU; run it on an otherwise idle machine), the share of forward time spent in the reducers, peak GPU memory
+Per row: GFLOPs per image (torch.utils.flop_counter, attention counted on every device), images/s and
+the speed-up over the plain model (warm-up, then plain and pooled batches timed alternately, the median
+of the repeats with its min-max; fixed thread count; CUDA-synchronised on a GPU; run it on an otherwise
+idle machine), the share of forward time spent in the reducers, peak GPU memory
 (GPU only), and top-1 on the test split for checkpoints. Results go to --output_dir as JSON and a
 Markdown table.
 """
