@@ -115,7 +115,8 @@ def merge_costs(dist: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     (order: significance, ties to the lower index). The most significant token can fold nowhere (inf)."""
     rank = stable_descending_rank(w)
     before = rank.unsqueeze(1) < rank.unsqueeze(2)  # [B, j, i]: i is more significant than j
-    nearest = torch.where(before, dist, dist.new_tensor(float("inf"))).amin(-1)  # a tensor, not a scalar: 2x faster
+    # a tensor fill rather than a Python scalar: 2x faster at N=196 on CPU
+    nearest = torch.where(before, dist, dist.new_tensor(float("inf"))).amin(-1)
     return w * nearest
 
 
