@@ -114,14 +114,15 @@ def project_qkv(attn: nn.Module, hidden_states: torch.Tensor):
 _BLOCK_ELEMENTS = 2**19
 
 
-def softmax_attention(q, k, v, bias, scaling: float, dropout: float, needs: frozenset[str]):
-    """softmax(q k^T * scaling + bias) v, explicitly, in blocks of query rows, plus the signals that
-    need the probabilities. One [B, heads, N, N] matrix would not fit in cache beyond a few hundred
-    tokens: at 1370 tokens (DINOv2 at 518 px), batch 8, blocks took tokenpool from 0.96x to 1.61x the
-    plain model's speed (docs/families.md).
+def softmax_attention(q, k, v, bias, scaling: float, dropout: float, needs: frozenset[str], return_probs: bool = False):
+    """softmax(q k^T * scaling + bias) v, explicitly, plus the signals that need the probabilities:
+    (output, probs or None, signals). Run in blocks of query rows unless the probabilities themselves are
+    returned (`return_probs`, one block): one [B, heads, N, N] matrix would not fit in cache beyond a few
+    hundred tokens; at 1370 tokens (DINOv2 at 518 px), batch 8, blocks took tokenpool from 0.96x to 1.61x
+    the plain model's speed (docs/families.md).
     Block sizes depend on shapes only, so the loop traces, compiles and exports like one block."""
     b, h, n, _ = q.shape
-    rows = max(16, _BLOCK_ELEMENTS // (h * n))
+    rows = n if return_probs else max(16, _BLOCK_ELEMENTS // (h * n))
     q = q * scaling
     signals, outs = Signals(), []
     if "significance" in needs:
@@ -138,7 +139,8 @@ def softmax_attention(q, k, v, bias, scaling: float, dropout: float, needs: froz
         if "cls_attention" in needs and start == 0:
             signals.cls_attention = probs.detach()[:, :, 0, :].float().mean(1)
         outs.append(torch.matmul(F.dropout(probs, p=dropout, training=dropout > 0), v))
-    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2), signals
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+    return out, (probs if return_probs else None), signals
 
 
 def attention_with_signals(attn: nn.Module, hidden_states, bias, needs: frozenset[str], want_probs: bool):
@@ -154,21 +156,11 @@ def attention_with_signals(attn: nn.Module, hidden_states, bias, needs: frozense
     scaling = attn.scaling if hasattr(attn, "scaling") else attn.scale  # ViT, DINOv2 / CLIP, SigLIP
     out_proj = attn.o_proj if hasattr(attn, "o_proj") else attn.out_proj
     dropout = (attn.attention_dropout if hasattr(attn, "attention_dropout") else attn.dropout) if attn.training else 0.0
-    signals, probs = Signals(), None
-    if want_probs:  # the maps themselves are returned: one block
-        logits = torch.matmul(q, k.transpose(2, 3)) * scaling
-        if bias is not None:
-            logits = logits + bias
-        probs = logits.softmax(dim=-1, dtype=torch.float32).to(q.dtype)
-        if "significance" in needs:
-            signals.significance = probs.detach().float().sum(dim=(1, 2))
-        if "cls_attention" in needs:
-            signals.cls_attention = probs.detach()[:, :, 0, :].float().mean(1)
-        out = torch.matmul(F.dropout(probs, p=dropout, training=attn.training), v)
-    elif needs & _PROBABILITY_SIGNALS:
-        out, signals = softmax_attention(q, k, v, bias, scaling, dropout, needs)
+    if want_probs or needs & _PROBABILITY_SIGNALS:
+        out, probs, signals = softmax_attention(q, k, v, bias, scaling, dropout, needs, return_probs=want_probs)
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout, scale=scaling)
+        probs, signals = None, Signals()
     if "keys" in needs:
         signals.keys = k.detach().mean(1)
     out = out_proj(out.transpose(1, 2).contiguous().reshape(b, n, -1))

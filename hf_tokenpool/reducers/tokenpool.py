@@ -141,15 +141,17 @@ def kmedoids(x: torch.Tensor, dist: torch.Tensor, w: torch.Tensor, k: int, itera
     cluster's weighted mean (module docstring), O(N D) instead of O(N^2). Both equal the dense cost's
     choice up to float rounding.
     """
-    b, n, d = x.shape
+    n, d = x.shape[1:]
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     medoids = heaviest(w, k) if init == "significance" else stable_descending_order(merge_costs(dist, w))[:, :k]
     assign = _nearest(dist, medoids)
+    dense = n <= d
+    weighted = w.unsqueeze(2) * dist if dense and iterations else None  # [B, j, m] = w_j D[j, m], once
     for _ in range(iterations):
-        if n <= d:
+        if dense:
             same = assign.unsqueeze(2) == assign.unsqueeze(1)  # [B, j, m]: j and m share a cluster
-            cost = torch.where(same, w.unsqueeze(2) * dist, dist.new_tensor(0.0)).sum(1)  # [B, m]
+            cost = torch.where(same, weighted, dist.new_tensor(0.0)).sum(1)  # [B, m]
         else:
             means = weighted_mean(x, w, assign, k)  # [B, k, D]
             cost = (x - means.gather(1, assign.unsqueeze(-1).expand_as(x))).square().sum(-1)  # W_c |x_m - mu_c|^2 / W_c
