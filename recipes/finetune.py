@@ -51,8 +51,10 @@ from hf_tokenpool.flops import time_interleaved  # noqa: E402
 
 logger = get_logger(__name__)
 # Defaults for a new head on a small dataset as much as for a recovery fine-tune on 60k images: how they were
-# chosen is in docs/recipe.md ("How the defaults were chosen").
+# chosen is in docs/recipe.md ("How the defaults were chosen"). A checkpoint that keeps its own classes only
+# recovers what pooling cost it: a smaller learning rate, and the unpatched model as teacher (docs/fidelity.md).
 DEFAULT_LR = 3e-4
+RECOVERY_LR = 1e-4
 DEFAULT_BATCH = 32
 DEFAULT_WARMUP_RATIO = 0.1
 DEFAULT_MODEL = str(Path(__file__).resolve().parent / "checkpoints" / "vit-tiny-fashion-mnist")
@@ -90,7 +92,8 @@ def parse_args(argv=None):
     # training
     p.add_argument("--num_train_epochs", type=float, default=1.0)
     p.add_argument("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
-    p.add_argument("--learning_rate", type=float, default=DEFAULT_LR)
+    p.add_argument("--learning_rate", type=float, default=None,
+                   help=f"default: {DEFAULT_LR} with a new head, {RECOVERY_LR} when the checkpoint keeps its classes")
     p.add_argument("--weight_decay", type=float, default=0.05)
     p.add_argument("--lr_scheduler_type", default="cosine")
     p.add_argument("--warmup_ratio", type=float, default=DEFAULT_WARMUP_RATIO,
@@ -99,7 +102,10 @@ def parse_args(argv=None):
     p.add_argument("--per_device_train_batch_size", type=int, default=DEFAULT_BATCH)
     p.add_argument("--per_device_eval_batch_size", type=int, default=256)
     p.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    p.add_argument("--distill", action="store_true", help="distil from the unpatched model (soft targets)")
+    p.add_argument("--distill", action="store_true", default=None,
+                   help="distil from the unpatched model (soft targets); default: on when the checkpoint keeps its "
+                   "classes, off with a new head (then the teacher is the fine-tuned plain baseline)")
+    p.add_argument("--no_distill", dest="distill", action="store_false", help="never distil")
     p.add_argument("--distill_alpha", type=float, default=0.5, help="weight of the distillation loss")
     p.add_argument("--distill_temperature", type=float, default=1.0)
     p.add_argument("--no_plain_baseline", action="store_true", help="with a new head, do not fine-tune the plain "
@@ -136,6 +142,8 @@ def parse_args(argv=None):
         p.error("--num_warmup_steps must be >= 0")
     if args.bench_repeats < 1:
         p.error("--bench_repeats must be >= 1")
+    if args.learning_rate is not None and not args.learning_rate > 0:
+        p.error(f"--learning_rate must be > 0, got {args.learning_rate}")
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
         p.error(f"--output_dir {out} is a file")
@@ -143,6 +151,15 @@ def parse_args(argv=None):
             and any(q.name != CHECKPOINT_DIR for q in out.iterdir())):
         p.error(f"--output_dir {out} is not empty; pass --overwrite_output_dir to write into it anyway")
     return args
+
+
+def resolve_head_defaults(args, new_head: bool) -> None:
+    """The settings left to the head: a new head is trained from scratch (DEFAULT_LR, labels only); a checkpoint
+    that keeps its classes recovers what pooling cost it (RECOVERY_LR, distilled from the unpatched model)."""
+    if args.learning_rate is None:
+        args.learning_rate = DEFAULT_LR if new_head else RECOVERY_LR
+    if args.distill is None:
+        args.distill = not new_head
 
 
 def pooling_config(args) -> tp.TokenPoolConfig:
@@ -619,6 +636,7 @@ def main(argv=None):
     label_names = train.features[label_column].names
     model, new_head = load_model(args, label_names)
     with_baseline = new_head and not args.no_plain_baseline
+    resolve_head_defaults(args, new_head)
     if args.distill and new_head and not with_baseline:
         raise ValueError("--distill with a new head needs the plain baseline as its teacher (the head is untrained "
                          "otherwise); drop --no_plain_baseline")
@@ -669,6 +687,7 @@ def main(argv=None):
                 results[name]["images_per_second"] = speed["pooled" if name.startswith("pooled") else "plain"][
                     "images_per_second"]
     results.update(record, baseline="plain_finetuned" if with_baseline else "plain", speed=speed,
+                   learning_rate=args.learning_rate, distill=args.distill,
                    eval_samples=len(evaluation), train_samples=len(train),
                    skipped_images={"train": skipped_train, "eval": skipped_eval},
                    dataset=dataset_names(args)[1], num_processes=accelerator.num_processes,

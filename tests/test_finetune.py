@@ -91,7 +91,11 @@ def test_resume_continues_where_it_stopped(tiny_checkpoint, tmp_path):
     assert full.keys() == resumed.keys()
     for key in full:
         torch.testing.assert_close(resumed[key], full[key], rtol=0, atol=1e-6)
-    assert json.loads((stopped / "all_results.json").read_text())["train_steps"] == 4
+    saved = json.loads((stopped / "all_results.json").read_text())
+    assert saved["train_steps"] == 4
+    # the checkpoint keeps its classes and no flag says otherwise: distilled from the unpatched model
+    assert saved["distill"] is True and saved["learning_rate"] == 1e-3
+    assert "Distilled from the unpatched model" in (stopped / "README.md").read_text()
 
 
 @needs_fmnist
@@ -243,6 +247,7 @@ def test_an_empty_dataset_is_refused(tmp_path):
     (["--warmup_ratio", "1.5"], r"--warmup_ratio must be in \[0, 1\)"),
     (["--bench_repeats", "0"], "--bench_repeats must be >= 1"),
     (["--checkpointing_steps", "often"], "--checkpointing_steps must be an integer or 'epoch'"),
+    (["--learning_rate", "0"], "--learning_rate must be > 0"),
 ])
 def test_bad_arguments_are_refused(argv, message, tmp_path, capsys):
     with pytest.raises(SystemExit):
@@ -289,6 +294,7 @@ def test_new_labels_fine_tune_the_plain_baseline_too(tiny_checkpoint, tmp_path):
     assert config["id2label"] == {"0": "dark", "1": "light"}
     saved = json.loads((out / "all_results.json").read_text())
     assert saved["new_head"] and saved["baseline"] == "plain_finetuned"
+    assert saved["distill"] is False and saved["learning_rate"] == 1e-3  # a new head learns from the labels
     # the same budget for both: 6 steps of 4 per epoch (32 images, batch 8), warm-up 10% of 6 rounded up
     assert saved["baseline_training"]["train_steps"] == saved["train_steps"] == 6
     assert saved["baseline_training"]["warmup_steps"] == saved["warmup_steps"] == 1
@@ -339,6 +345,18 @@ def test_hub_ids_for_the_card(tmp_path):
     assert finetune.dataset_names(args) == (None, tmp_path.name)
     args = finetune.parse_args(["--output_dir", str(tmp_path / "o")])
     assert finetune.dataset_names(args) == ("zalando-datasets/fashion_mnist", "zalando-datasets/fashion_mnist")
+
+
+@pytest.mark.parametrize("flags, new_head, expected", [
+    ([], False, (1e-4, True)),  # own classes: recover what pooling cost, with the unpatched model as teacher
+    ([], True, (3e-4, False)),  # new head: trained from the labels
+    (["--learning_rate", "5e-4", "--no_distill"], False, (5e-4, False)),  # what the user says wins
+    (["--distill"], True, (3e-4, True)),
+])
+def test_learning_rate_and_distillation_follow_the_head(flags, new_head, expected, tmp_path):
+    args = finetune.parse_args(["--output_dir", str(tmp_path / "o"), *flags])
+    finetune.resolve_head_defaults(args, new_head)
+    assert (args.learning_rate, args.distill) == expected
 
 
 def test_warmup_is_a_share_of_the_run(tmp_path):
