@@ -55,7 +55,7 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hf_tokenpool as tp  # noqa: E402
-from hf_tokenpool.reducers import REDUCERS  # noqa: E402
+from hf_tokenpool.reducers import REDUCERS, PoolResult, Reducer  # noqa: E402
 
 CHECKPOINTS = Path(__file__).resolve().parent / "checkpoints"
 # Standard shapes, random init: what the cost numbers are about.
@@ -78,6 +78,7 @@ SHAPES = {
     "swinv2-t-256": lambda: Swinv2ForImageClassification(Swinv2Config(image_size=256, window_size=8, num_labels=1000)),
 }
 METHODS = ("none", "tokenpool", "kmeans", "tome", "topk")
+FLOOR = "floor"  # a reference row, not a method: see floor_model
 
 
 def parse_args(argv=None):
@@ -95,6 +96,10 @@ def parse_args(argv=None):
     parser.add_argument("--keeps", nargs="*", type=float, default=[0.5, 0.6, 0.7, 0.8])
     parser.add_argument("--target_flops", nargs="*", type=float, default=[0.5, 0.6, 0.7],
                         help="also rows solved to these FLOPs budgets (fractions of the plain model)")
+    parser.add_argument("--floor", action="store_true",
+                        help="also a 'floor' row per keep and schedule: the same token counts with no reducer at all "
+                        "(each pooling layer keeps its first k tokens, SDPA, no proportional attention), the most any "
+                        "method could gain on this machine at that schedule (token-sequence models only)")
     parser.add_argument("--budget_methods", nargs="*", default=["tokenpool"], choices=METHODS[1:],
                         help="methods that get the --target_flops rows (the others compare at equal keep)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -357,10 +362,14 @@ def rows_for_model(name, model, args, eval_data=None):
     if tp.protected_tokens(model) is not None:  # named schedules count a token sequence; Swin pools in windows
         settings += [(m, s, _recipe("fidelity").schedule_settings(s, num_layers, _num_patches(model, one)))
                      for m in args.methods for s in args.schedules]
+    if args.floor and tp.protected_tokens(model) is not None:
+        settings += [(FLOOR, None, {"keep": k}) for k in args.keeps]
+        settings += [(FLOOR, s, _recipe("fidelity").schedule_settings(s, num_layers, _num_patches(model, one)))
+                     for s in args.schedules]
     settings += [(m, None, {"target_flops": t}) for m in args.budget_methods for t in args.target_flops]
     rows = []
     for method, schedule, options in tqdm(settings, desc=name, leave=False):
-        if method != "none" and method not in adapter.methods:
+        if method not in ("none", FLOOR) and method not in adapter.methods:
             continue
         target = options.get("target_flops")
         if method == "none":
@@ -372,7 +381,8 @@ def rows_for_model(name, model, args, eval_data=None):
             for t in timing.values():
                 t["images_per_s"] = t["plain_images_per_s"]
         else:
-            pooled = tp.patch_model(copy.deepcopy(model), method=method, **options, **args.options)
+            pooled = (floor_model(model, options) if method == FLOOR
+                      else tp.patch_model(copy.deepcopy(model), method=method, **options, **args.options))
             solved_keep = pooled.config.token_pooling["keep"]
             flops = tp.count_flops(pooled, one)
             tokens = tokens_per_layer(pooled, one)
@@ -395,11 +405,31 @@ def rows_for_model(name, model, args, eval_data=None):
             "timing": {str(b): {**t, "speedup_of_ideal": t["speedup"] * ratio} for b, t in timing.items()},
             "reducer_share": reducer_share, "top1": acc, "plain_top1": plain_acc,
             "finetuned_top1": finetuned_top1(args, name, method, solved_keep)
-            if eval_data and method != "none" and schedule is None else None,
+            if eval_data and method not in ("none", FLOOR) and schedule is None else None,
             "peak_mem_mb": torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None,
         })
         del pooled
     return rows
+
+
+def keep_first(tokens, sizes, k, signals) -> PoolResult:
+    """The floor's "reducer": the first k tokens, nothing computed (the others are dropped)."""
+    assign = torch.arange(tokens.shape[1], device=tokens.device).clamp_max(k - 1).expand(tokens.shape[:2])
+    return PoolResult(tokens[:, :k], sizes[:, :k], assign)
+
+
+def floor_model(model, options):
+    """The model at a schedule's token counts with no reducer at all: patched as `tome` (SDPA everywhere),
+    then every pooling layer's reducer swapped for `keep_first`, which needs no attention signals; no
+    proportional attention. Its speed-up is the most any method could reach at that schedule on this machine
+    (the rest is matrix products running on fewer rows), so a method's speed-up / the floor's is the share
+    of what was reachable."""
+    pooled = tp.patch_model(copy.deepcopy(model), method="tome", proportional_attention=False, **options)
+    for module in pooled.modules():
+        plan = module.__dict__.get("_tokenpool")
+        if plan is not None and hasattr(plan, "reducer"):
+            plan.reducer = Reducer(keep_first, frozenset())
+    return pooled
 
 
 def _num_patches(model, one) -> int:
@@ -495,7 +525,7 @@ def pivot(rows, cell, models) -> str:
     keeps = sorted({r["keep"] for r in by_keep})
     out = f"| model | method | {' | '.join(f'keep {k:g}' for k in keeps)} |\n|---|---|{'---|' * len(keeps)}\n"
     for model in models:
-        for method in METHODS[1:]:
+        for method in (*METHODS[1:], FLOOR):
             mine = {r["keep"]: r for r in by_keep if r["model"] == model and r["method"] == method}
             if mine:
                 out += f"| {model} | {method} | {' | '.join(cell(mine[k]) if k in mine else '–' for k in keeps)} |\n"

@@ -83,6 +83,24 @@ def test_named_schedules_give_tomes_token_counts(tiny_checkpoint):
     assert rows[1]["tokens_per_layer"] == [65, 57, 49, 41, 33, 25]  # 8 fewer patch tokens in every layer
 
 
+def test_floor_rows_have_the_schedules_token_counts_and_no_reducer(tiny_checkpoint):
+    rows = benchmark.main(["--suite", "none", "--model_name_or_path", tiny_checkpoint, "--methods", "tome",
+                           "--keeps", "0.5", "--target_flops", "--schedules", "r-8", "--floor", "--batch_sizes", "2",
+                           "--repeats", "1", "--eval_samples", "16", "--threads", "1"])
+    by = {(r["method"], r["keep"], r["schedule"]): r for r in rows}
+    for keep, schedule in ((0.5, None), (None, "r-8")):
+        floor, tome = by[("floor", keep, schedule)], by[("tome", keep, schedule)]
+        assert floor["tokens_per_layer"] == tome["tokens_per_layer"] and floor["reducer_share"] == 0.0
+        # the same token counts without the reducer's own work: a little fewer FLOPs than tome's
+        assert 0.95 * tome["flops_ratio"] < floor["flops_ratio"] < tome["flops_ratio"]
+    from transformers import ViTForImageClassification
+
+    model = benchmark.floor_model(ViTForImageClassification.from_pretrained(tiny_checkpoint).eval(), {"keep": 0.5})
+    plans = [layer._tokenpool for layer in benchmark.tp.ADAPTERS["vit"].layers(model)]
+    assert all(p.reducer.fn is benchmark.keep_first and not p.reducer.needs for p in plans)
+    assert not model.config.token_pooling["proportional_attention"]
+
+
 def test_reducer_cost_suite_counts_on_the_meta_device(tmp_path):
     rows = benchmark.main(["--suite", "reducer_cost", "--methods", "tokenpool", "tome", "--output_dir", str(tmp_path)])
     by = {(r["patch_tokens"], r["method"], r["metric"]): r for r in rows}
