@@ -95,8 +95,10 @@ def identity_result(tokens: torch.Tensor, sizes: torch.Tensor) -> PoolResult:
     return PoolResult(tokens, sizes, assign)
 
 
-def weighted_mean(tokens: torch.Tensor, weights: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tensor:
-    """Per-image weighted cluster means: out[b, c] = sum_{i: assign=c} w_i x_i / sum_{i: assign=c} w_i."""
+def weighted_mean(tokens: torch.Tensor, weights: torch.Tensor, assign: torch.Tensor, k: int,
+                  with_totals: bool = False):
+    """Per-image weighted cluster means: out[b, c] = sum_{i: assign=c} w_i x_i / sum_{i: assign=c} w_i;
+    with_totals: (means, the clusters' total weights [B, k]), e.g. the merged sizes when w is the sizes."""
     b, n, c = tokens.shape
     w = weights.to(tokens.dtype)
     # one index_add over the flattened [B * k] clusters: about 2x faster on CPU than scatter_add_ with a
@@ -104,7 +106,8 @@ def weighted_mean(tokens: torch.Tensor, weights: torch.Tensor, assign: torch.Ten
     flat = (assign + torch.arange(b, device=assign.device).unsqueeze(1) * k).reshape(-1)
     num = tokens.new_zeros(b * k, c).index_add_(0, flat, (tokens * w.unsqueeze(-1)).reshape(b * n, c))
     den = w.new_zeros(b * k).index_add_(0, flat, w.reshape(-1))
-    return (num / den.clamp_min(torch.finfo(tokens.dtype).tiny).unsqueeze(-1)).view(b, k, c)
+    means = (num / den.clamp_min(torch.finfo(tokens.dtype).tiny).unsqueeze(-1)).view(b, k, c)
+    return (means, den.view(b, k)) if with_totals else means
 
 
 def cluster_sizes(sizes: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tensor:

@@ -67,18 +67,16 @@ def tome(tokens: torch.Tensor, sizes: torch.Tensor, k: int, signals: Signals) ->
     size_w = sizes.float()
     with torch.no_grad():  # matching is discrete; gradients flow through the final means
         keys = signals.keys.detach().float()
-        cur_sizes = size_w.detach()
-        assign = torch.arange(n, device=tokens.device).expand(b, n)
-        cur = n
+        cur_sizes, assign, cur = size_w.detach(), None, n
         while cur > k:
             r = min(cur - k, (cur + 1) // 2)
             step = _match_round(keys, r)
             cur -= r
-            # the next round's metric: keys merged the same size-weighted way as the tokens
-            keys = weighted_mean(keys, cur_sizes, step, cur)
-            cur_sizes = cluster_sizes(cur_sizes, step, cur)
-            assign = step.gather(1, assign)
+            assign = step if assign is None else step.gather(1, assign)
+            if cur > k:  # the next round's metric: keys merged the same size-weighted way as the tokens
+                keys = weighted_mean(keys, cur_sizes, step, cur)
+                cur_sizes = cluster_sizes(cur_sizes, step, cur)
 
-    out = weighted_mean(tokens.float(), size_w, assign, k).to(tokens.dtype)
-    new_sizes = cluster_sizes(sizes.float(), assign, k).to(sizes.dtype)
-    return PoolResult(out, new_sizes, assign)
+    # the size-weighted means, and their total sizes: the merged tokens' sizes
+    out, new_sizes = weighted_mean(tokens.float(), size_w, assign, k, with_totals=True)
+    return PoolResult(out.to(tokens.dtype), new_sizes.to(sizes.dtype), assign)
