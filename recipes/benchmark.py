@@ -100,6 +100,9 @@ def parse_args(argv=None):
                         help="also a 'floor' row per keep and schedule: the same token counts with no reducer at all "
                         "(each pooling layer keeps its first k tokens, SDPA, no proportional attention), the most any "
                         "method could gain on this machine at that schedule (token-sequence models only)")
+    parser.add_argument("--compile", action="store_true",
+                        help="time torch.compile(fullgraph=True) of the plain and of every pooled model against each "
+                        "other (the reducer share is then not measured)")
     parser.add_argument("--budget_methods", nargs="*", default=["tokenpool"], choices=METHODS[1:],
                         help="methods that get the --target_flops rows (the others compare at equal keep)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -354,6 +357,7 @@ def rows_for_model(name, model, args, eval_data=None):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     reset_peak_memory = torch.cuda.reset_peak_memory_stats if device.type == "cuda" else (lambda: None)
     plain_flops = tp.count_flops(model, one)
+    plain_run = torch.compile(model, fullgraph=True) if args.compile else model
     plain_acc = top1(model, *eval_data) if eval_data else None
     adapter = tp.ADAPTERS[model.config.model_type]
     num_layers = tp.num_layers(model)
@@ -375,7 +379,7 @@ def rows_for_model(name, model, args, eval_data=None):
         if method == "none":
             flops, acc, reducer_share, solved_keep, pooled = plain_flops, plain_acc, 0.0, 1.0, None
             tokens = tokens_per_layer(model, one)
-            timing = {b: {"plain_images_per_s": tp.time_interleaved({"plain": model}, x, warmup=args.warmup,
+            timing = {b: {"plain_images_per_s": tp.time_interleaved({"plain": plain_run}, x, warmup=args.warmup,
                                                                     repeats=args.repeats)["plain"]["images_per_second"],
                           "speedup": 1.0, "speedup_min": 1.0, "speedup_max": 1.0} for b, x in batches.items()}
             for t in timing.values():
@@ -388,11 +392,13 @@ def rows_for_model(name, model, args, eval_data=None):
             tokens = tokens_per_layer(pooled, one)
             acc = top1(pooled, *eval_data) if eval_data else None
             reset_peak_memory()
-            timing = speed(model, pooled, batches, args)
+            timing = speed(plain_run, torch.compile(pooled, fullgraph=True) if args.compile else pooled, batches, args)
             first = next(iter(batches.values()))
-            with ReducerClock() as clock:
-                _, total = timed(lambda: pooled(pixel_values=first), args.repeats, sync, 0)
-            reducer_share = clock.seconds / total
+            reducer_share = None
+            if not args.compile:  # inside a compiled graph the reducers cannot be clocked
+                with ReducerClock() as clock:
+                    _, total = timed(lambda: pooled(pixel_values=first), args.repeats, sync, 0)
+                reducer_share = clock.seconds / total
         ratio = flops / plain_flops
         main_timing = timing[args.batch_sizes[0]]
         rows.append({
@@ -569,7 +575,7 @@ def markdown(rows) -> str:
     return head + "".join(
         f"| {r['model']} | {_method(r)} | {fmt(r['keep'], '.2f')} | {_tokens(r['tokens_per_layer'])} | {r['gflops']:.3f} | "
         f"{r['flops_ratio']:.3f} |{''.join(cells(t) for t in r['timing'].values())} "
-        f"{r['reducer_share'] * 100:.1f}% | {fmt(r['top1'], '.2f')} | {fmt(r['finetuned_top1'], '.2f')} |\n"
+        f"{'–' if r['reducer_share'] is None else format(r['reducer_share'], '.1%')} | {fmt(r['top1'], '.2f')} | {fmt(r['finetuned_top1'], '.2f')} |\n"
         for r in rows)
 
 
@@ -580,7 +586,8 @@ def write_outputs(rows, meta, out: Path):
     plots(rows, out)
     (out / "results.md").write_text(
         f"Command: `{meta['command']}`; device: {meta['device']}, batch sizes {meta['batch_sizes']} (plain and "
-        f"pooled timed alternately, {meta['repeats']} repeats, median), fp32, torch {meta['torch']}; top-1 on the "
+        f"pooled timed alternately, {meta['repeats']} repeats, median), fp32, torch {meta['torch']}"
+        f"{', both torch.compile(fullgraph=True)' if meta.get('compiled') else ''}; top-1 on the "
         f"first {meta['eval_samples']} test images; the sweep took {meta['wall_minutes']:.1f} min\n\n{summary(rows)}\n"
         f"Every row:\n\n{markdown(rows)}")
 
@@ -628,7 +635,7 @@ def main(argv=None):
     print(f"sweep done in {(time.perf_counter() - started) / 60:.1f} min", flush=True)
     meta = {"device": args.device if args.device != "cpu" else f"cpu ({torch.get_num_threads()} threads)",
             "batch_sizes": args.batch_sizes, "repeats": args.repeats, "warmup": args.warmup,
-            "eval_samples": args.eval_samples, "torch": torch.__version__,
+            "eval_samples": args.eval_samples, "torch": torch.__version__, "compiled": args.compile,
             "wall_minutes": (time.perf_counter() - started) / 60,
             "command": " ".join(["python", "recipes/benchmark.py", *(argv if argv is not None else sys.argv[1:])])}
     if args.output_dir:

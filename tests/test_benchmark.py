@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from hf_tokenpool.data import DEBIAN_FASHION_MNIST_DIR
 ROOT = Path(__file__).resolve().parents[1]
 spec = importlib.util.spec_from_file_location("benchmark", ROOT / "recipes" / "benchmark.py")
 benchmark = importlib.util.module_from_spec(spec)
+sys.modules["benchmark"] = benchmark  # torch.compile looks functions up by their module's name
 spec.loader.exec_module(benchmark)
 
 
@@ -99,6 +101,15 @@ def test_floor_rows_have_the_schedules_token_counts_and_no_reducer(tiny_checkpoi
     plans = [layer._tokenpool for layer in benchmark.tp.ADAPTERS["vit"].layers(model)]
     assert all(p.reducer.fn is benchmark.keep_first and not p.reducer.needs for p in plans)
     assert not model.config.token_pooling["proportional_attention"]
+
+
+def test_compiled_rows_time_compiled_plain_against_compiled_pooled(tiny_checkpoint, tmp_path):
+    rows = benchmark.main(["--suite", "none", "--model_name_or_path", tiny_checkpoint, "--methods", "tokenpool",
+                           "--keeps", "0.5", "--target_flops", "--floor", "--compile", "--batch_sizes", "2",
+                           "--repeats", "1", "--eval_samples", "16", "--threads", "1", "--output_dir", str(tmp_path)])
+    assert [r["method"] for r in rows] == ["none", "tokenpool", "floor"]
+    assert rows[1]["reducer_share"] is None and rows[1]["timing"]["2"]["speedup"] > 0
+    assert "both torch.compile(fullgraph=True)" in (tmp_path / "results.md").read_text()
 
 
 def test_reducer_cost_suite_counts_on_the_meta_device(tmp_path):
