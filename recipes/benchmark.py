@@ -102,7 +102,7 @@ def parse_args(argv=None):
                         "method could gain on this machine at that schedule (token-sequence models only)")
     parser.add_argument("--compile", action="store_true",
                         help="time torch.compile(fullgraph=True) of the plain and of every pooled model against each "
-                        "other (the reducer share is then not measured)")
+                        "other (static shapes, one graph per batch size; the reducer share is then not measured)")
     parser.add_argument("--budget_methods", nargs="*", default=["tokenpool"], choices=METHODS[1:],
                         help="methods that get the --target_flops rows (the others compare at equal keep)")
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
@@ -357,7 +357,7 @@ def rows_for_model(name, model, args, eval_data=None):
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     reset_peak_memory = torch.cuda.reset_peak_memory_stats if device.type == "cuda" else (lambda: None)
     plain_flops = tp.count_flops(model, one)
-    plain_run = torch.compile(model, fullgraph=True) if args.compile else model
+    plain_run = torch.compile(model, fullgraph=True, dynamic=False) if args.compile else model
     plain_acc = top1(model, *eval_data) if eval_data else None
     adapter = tp.ADAPTERS[model.config.model_type]
     num_layers = tp.num_layers(model)
@@ -392,7 +392,8 @@ def rows_for_model(name, model, args, eval_data=None):
             tokens = tokens_per_layer(pooled, one)
             acc = top1(pooled, *eval_data) if eval_data else None
             reset_peak_memory()
-            timing = speed(plain_run, torch.compile(pooled, fullgraph=True) if args.compile else pooled, batches, args)
+            pooled_run = torch.compile(pooled, fullgraph=True, dynamic=False) if args.compile else pooled
+            timing = speed(plain_run, pooled_run, batches, args)
             first = next(iter(batches.values()))
             reducer_share = None
             if not args.compile:  # inside a compiled graph the reducers cannot be clocked
@@ -575,7 +576,8 @@ def markdown(rows) -> str:
     return head + "".join(
         f"| {r['model']} | {_method(r)} | {fmt(r['keep'], '.2f')} | {_tokens(r['tokens_per_layer'])} | {r['gflops']:.3f} | "
         f"{r['flops_ratio']:.3f} |{''.join(cells(t) for t in r['timing'].values())} "
-        f"{'–' if r['reducer_share'] is None else format(r['reducer_share'], '.1%')} | {fmt(r['top1'], '.2f')} | {fmt(r['finetuned_top1'], '.2f')} |\n"
+        f"{'–' if r['reducer_share'] is None else format(r['reducer_share'], '.1%')} | {fmt(r['top1'], '.2f')} | "
+        f"{fmt(r['finetuned_top1'], '.2f')} |\n"
         for r in rows)
 
 
@@ -587,7 +589,7 @@ def write_outputs(rows, meta, out: Path):
     (out / "results.md").write_text(
         f"Command: `{meta['command']}`; device: {meta['device']}, batch sizes {meta['batch_sizes']} (plain and "
         f"pooled timed alternately, {meta['repeats']} repeats, median), fp32, torch {meta['torch']}"
-        f"{', both torch.compile(fullgraph=True)' if meta.get('compiled') else ''}; top-1 on the "
+        f"{', both torch.compile(fullgraph=True, dynamic=False)' if meta.get('compiled') else ''}; top-1 on the "
         f"first {meta['eval_samples']} test images; the sweep took {meta['wall_minutes']:.1f} min\n\n{summary(rows)}\n"
         f"Every row:\n\n{markdown(rows)}")
 

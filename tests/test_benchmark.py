@@ -109,7 +109,7 @@ def test_compiled_rows_time_compiled_plain_against_compiled_pooled(tiny_checkpoi
                            "--repeats", "1", "--eval_samples", "16", "--threads", "1", "--output_dir", str(tmp_path)])
     assert [r["method"] for r in rows] == ["none", "tokenpool", "floor"]
     assert rows[1]["reducer_share"] is None and rows[1]["timing"]["2"]["speedup"] > 0
-    assert "both torch.compile(fullgraph=True)" in (tmp_path / "results.md").read_text()
+    assert "both torch.compile(fullgraph=True, dynamic=False)" in (tmp_path / "results.md").read_text()
 
 
 def test_reducer_cost_suite_counts_on_the_meta_device(tmp_path):
