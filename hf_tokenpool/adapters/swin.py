@@ -37,7 +37,7 @@ from transformers.models.swin.modeling_swin import SwinLayer, window_partition, 
 
 from ..config import TokenPoolConfig
 from ..reducers import REDUCERS, Reducer, Signals
-from ..reducers.base import cluster_sizes, stable_descending_order, stable_descending_rank, weighted_mean
+from ..reducers.base import stable_descending_order, stable_descending_rank, weighted_mean
 from ..reducers.kmeans import kmeans as _kmeans
 from ..reducers.tokenpool import tokenpool as _tokenpool
 from ..reducers.tome import _match_round
@@ -327,8 +327,7 @@ def window_tome(points: torch.Tensor, k: int) -> torch.Tensor:
         assign = step if assign is None else step.gather(1, assign)
         if cur > k:  # the next round's metric: keys merged the same size-weighted way as the tokens
             sizes = keys.new_ones(num, keys.shape[1]) if sizes is None else sizes
-            keys = weighted_mean(keys, sizes, step, cur)
-            sizes = cluster_sizes(sizes, step, cur)
+            keys, sizes = weighted_mean(keys, sizes, step, cur, with_totals=True)
     return assign
 
 

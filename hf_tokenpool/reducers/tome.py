@@ -15,7 +15,6 @@ from .base import (
     PoolResult,
     Signals,
     check_reduce_args,
-    cluster_sizes,
     identity_result,
     stable_descending_order,
     weighted_mean,
@@ -74,8 +73,7 @@ def tome(tokens: torch.Tensor, sizes: torch.Tensor, k: int, signals: Signals) ->
             cur -= r
             assign = step if assign is None else step.gather(1, assign)
             if cur > k:  # the next round's metric: keys merged the same size-weighted way as the tokens
-                keys = weighted_mean(keys, cur_sizes, step, cur)
-                cur_sizes = cluster_sizes(cur_sizes, step, cur)
+                keys, cur_sizes = weighted_mean(keys, cur_sizes, step, cur, with_totals=True)
 
     # the size-weighted means, and their total sizes: the merged tokens' sizes
     out, new_sizes = weighted_mean(tokens.float(), size_w, assign, k, with_totals=True)
