@@ -1,0 +1,148 @@
+#!/usr/bin/env python
+"""Speed side by side with the official ToMe code (facebookresearch/ToMe on timm), at the same token schedule.
+
+    pip install timm "git+https://github.com/facebookresearch/ToMe"   # the contender; not a dependency
+    python recipes/compare_official_tome.py --output_dir docs/results/official-tome
+
+The same DeiT-S/16 shape twice, random init: timm's `deit_small_distilled_patch16_224` plain and patched
+by official ToMe (`tome.patch.timm`, proportional attention, `model.r = R`), and transformers'
+`DeiTForImageClassificationWithTeacher` plain and patched by hf_tokenpool at the `r-R` schedule (the same
+tokens per layer, checked: both rows print them). All five models run in turn on the same batch (timm plain,
+official ToMe, HF plain, then each hf_tokenpool method; warm-up, then `--repeats` rounds), so a change in
+machine load hits every contender alike; each pooled model's speed-up is the median of its repeat-by-repeat
+ratios to its own plain model, with min-max, and its share of the ideal 1 / (FLOPs ratio) uses FLOPs from
+torch's counter (attention included). Official ToMe's code is not part of hf_tokenpool: install it yourself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import hf_tokenpool as tp  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+
+
+def _import_contender():
+    try:
+        import timm
+        import tome
+    except ImportError as err:
+        raise SystemExit(f"this comparison needs timm and the official ToMe package ({err}); install them with\n"
+                         '  pip install timm "git+https://github.com/facebookresearch/ToMe"') from None
+    return timm, tome
+
+
+class PixelValues(nn.Module):
+    """A timm model called as transformers models are (`model(pixel_values=...)`), for the shared timers."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values):
+        return self.model(pixel_values)
+
+
+@torch.no_grad()
+def tokens_entering(blocks, run) -> list[int]:
+    counts = []
+    hooks = [b.register_forward_pre_hook(lambda m, args: counts.append(args[0].shape[1])) for b in blocks]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return counts
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--r", type=int, default=13, help="tokens merged per layer (ToMe's r; hf_tokenpool's r-R schedule)")
+    p.add_argument("--methods", nargs="+", default=["tome", "tokenpool"], choices=tp.config.METHODS)
+    p.add_argument("--batch_sizes", type=int, nargs="+", default=[8, 1])
+    p.add_argument("--repeats", type=int, default=9)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    p.add_argument("--output_dir", type=Path, default=None, help="write results.json and results.md here")
+    args = p.parse_args(argv)
+    if args.r < 1 or args.repeats < 1 or args.warmup < 0 or min(args.batch_sizes) < 1:
+        p.error("--r, --repeats and --batch_sizes must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    timm, tome = _import_contender()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(HERE))
+    from benchmark import SHAPES, _recipe, tokens_per_layer  # noqa: E402 (sibling script)
+
+    torch.manual_seed(0)
+    timm_plain = timm.create_model("deit_small_distilled_patch16_224", pretrained=False).eval()
+    official = timm.create_model("deit_small_distilled_patch16_224", pretrained=False).eval()
+    official.load_state_dict(timm_plain.state_dict())
+    tome.patch.timm(official)
+    official.r = args.r
+    hf_plain = SHAPES["deit-s16-224"]().eval()
+    num_layers = hf_plain.config.num_hidden_layers
+    schedule = _recipe("fidelity").schedule_settings(f"r-{args.r}", num_layers,
+                                                     (hf_plain.config.image_size // hf_plain.config.patch_size) ** 2)
+    ours = {m: tp.patch_model(SHAPES["deit-s16-224"]().eval(), method=m, **schedule) for m in args.methods}
+    for m in ours.values():
+        m.load_state_dict(hf_plain.state_dict())
+
+    models = {"timm plain": PixelValues(timm_plain), "official ToMe": PixelValues(official), "HF plain": hf_plain,
+              **{f"hf_tokenpool {m}": model for m, model in ours.items()}}
+    baseline = {"official ToMe": "timm plain", **{f"hf_tokenpool {m}": "HF plain" for m in ours}}
+    one = torch.randn(1, 3, 224, 224)
+    flops = {name: tp.count_flops(m, one) for name, m in models.items()}
+    tokens = {"official ToMe": tokens_entering(official.blocks, lambda: official(one)),
+              **{f"hf_tokenpool {m}": tokens_per_layer(model, one) for m, model in ours.items()}}
+    tokens = {name: t[1:] + [None] for name, t in tokens.items()}  # counts after each layer's reduction
+    # the MLP of layer i runs on the tokens layer i+1 receives (both pool between attention and MLP)
+    rows = []
+    for batch_size in args.batch_sizes:
+        pixels = torch.randn(batch_size, 3, 224, 224)
+        t = tp.time_interleaved(models, pixels, warmup=args.warmup, repeats=args.repeats)
+        for name, base in baseline.items():
+            ratios = sorted(a / b for a, b in zip(t[base]["seconds"], t[name]["seconds"]))
+            ratio = flops[name] / flops[base]
+            speedup = statistics.median(ratios)
+            rows.append({"contender": name, "batch_size": batch_size, "speedup": speedup, "speedup_min": ratios[0],
+                         "speedup_max": ratios[-1], "ideal_speedup": 1 / ratio, "speedup_of_ideal": speedup * ratio,
+                         "flops_ratio": ratio, "images_per_s": t[name]["images_per_second"],
+                         "plain_images_per_s": t[base]["images_per_second"], "tokens_after_each_layer": tokens[name]})
+    official_speedup = {r["batch_size"]: r["speedup"] for r in rows if r["contender"] == "official ToMe"}
+    for r in rows:
+        r["relative_to_official"] = r["speedup"] / official_speedup[r["batch_size"]]
+    lines = [f"DeiT-S/16 224 px, r = {args.r} per layer, {args.repeats} interleaved repeats, "
+             f"{torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}", "",
+             "| contender | batch | speed-up (min-max) | ideal | share of ideal | vs official ToMe | images/s (plain) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['contender']} | {r['batch_size']} | {r['speedup']:.2f}x ({r['speedup_min']:.2f}-"
+                     f"{r['speedup_max']:.2f}) | {r['ideal_speedup']:.2f}x | {100 * r['speedup_of_ideal']:.0f}% | "
+                     f"{r['relative_to_official']:.3f} | {r['images_per_s']:.1f} ({r['plain_images_per_s']:.1f}) |")
+    lines += ["", "Tokens after each layer: " + "; ".join(f"{n}: {t[:-1]}" for n, t in tokens.items())]
+    print("\n".join(lines))
+    if args.output_dir:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        (args.output_dir / "results.json").write_text(json.dumps(
+            {"rows": rows, "r": args.r, "repeats": args.repeats, "threads": torch.get_num_threads(),
+             "torch": torch.__version__, "timm": timm.__version__}, indent=2))
+        (args.output_dir / "results.md").write_text("\n".join(lines) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
