@@ -5,7 +5,8 @@ import dataclasses
 import pytest
 import torch
 from conftest import SWIN_SHAPE, TINY_MODELS, VIT_SHAPE, make, output_of
-from transformers import AutoModelForImageClassification, BertConfig, BertModel, ViTConfig, ViTForMaskedImageModeling
+from transformers import (AutoModelForImageClassification, BertConfig, BertModel, SwinConfig, ViTConfig,
+                          ViTForMaskedImageModeling)
 
 import hf_tokenpool as tp
 from hf_tokenpool.config import TokenPoolConfig, default_pool_after
@@ -350,3 +351,31 @@ def test_api_doc_lists_every_setting():
         assert f"| `{f.name}` |" in doc, f"docs/api.md misses TokenPoolConfig.{f.name}"
     for name in tp.__all__:
         assert f"`{name}" in doc, f"docs/api.md misses hf_tokenpool.{name}"
+
+
+@pytest.mark.parametrize("height, width, ws, shift", [(16, 16, 4, 0), (16, 16, 4, 2), (18, 13, 4, 2), (7, 7, 7, 0),
+                                                     (10, 15, 5, 2)])
+def test_swin_window_gathers_equal_upstreams_partition_and_reverse(height, width, ws, shift):
+    """gather_windows = window_partition(cyclic_shift(maybe_pad(grid))); unpool = the windows plus each
+    token's cluster update, window_reverse'd, shifted back and cropped, exactly (padding and shift included)."""
+    from transformers.models.swin.modeling_swin import SwinLayer, window_partition, window_reverse
+
+    from hf_tokenpool.adapters.swin import gather_windows, unpool, window_layout
+
+    torch.manual_seed(0)
+    config = SwinConfig(embed_dim=8, num_heads=[2], window_size=ws)
+    layer = SwinLayer(config, dim=8, input_resolution=(height, width), num_heads=2, shift_size=shift)
+    layer.set_shift_and_window_size((height, width))
+    ws, shift = layer.window_size, layer.shift_size
+    x = torch.randn(2, height * width, 8)
+    layout = window_layout(ws, shift, height, width, x.device)
+    grid, _ = layer.maybe_pad(x.view(2, height, width, 8), height, width)
+    expected = window_partition(layer.cyclic_shift(grid), ws).reshape(-1, ws * ws, 8)
+    assert torch.equal(gather_windows(layer, x, layout, height, width), expected)
+
+    k = 3
+    assign = torch.randint(0, k, expected.shape[:2])
+    delta = torch.randn(expected.shape[0], k, 8)
+    windows = expected + delta.gather(1, assign.unsqueeze(-1).expand(-1, -1, 8))
+    back = layer.cyclic_shift(window_reverse(windows.view(-1, ws, ws, 8), ws, *grid.shape[1:3]), reverse=True)
+    assert torch.equal(unpool(x, delta, assign, layout), back[:, :height, :width].reshape(2, -1, 8))

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.swin.modeling_swin import SwinLayer, window_partition, window_reverse
+from transformers.models.swin.modeling_swin import SwinLayer, window_partition
 
 from ..config import TokenPoolConfig
 from ..reducers import REDUCERS, Reducer, Signals
@@ -111,12 +111,18 @@ class WindowLayout:
         one-hot gives every cluster's coordinate sums, region counts and size.
     apart: [nW, area, area] float32, 1 where two positions have different region ids (None if 1 region):
         the squared distance that Swin's region code adds between them, in units of 2 x code scale^2.
+    window_gather: [nW * area] long, the (padded) grid position of every window position: upstream's
+        cyclic shift then window_partition, as one gather (`gather_windows`).
+    grid_gather: [height * width] long, the window position of every (unpadded) grid position: the inverse,
+        for window_reverse then the reverse shift as one gather (`unpool`).
     """
 
     pad: torch.Tensor | None
     num_regions: int
     region_code: torch.Tensor | None
     stats: torch.Tensor
+    window_gather: torch.Tensor
+    grid_gather: torch.Tensor
     apart: torch.Tensor | None = None
 
 
@@ -134,8 +140,15 @@ def _window_layout(ws: int, shift: int, height: int, width: int, device) -> Wind
                                         indexing="ij"), -1).view(1, -1, 2).float()
     num_windows = (height_pad // ws) * (width_pad // ws)
     coords = torch.cat([coords, torch.ones_like(coords[..., :1])], dim=-1).expand(num_windows, -1, -1)
+    grid = torch.arange(height_pad * width_pad, device=device).view(1, height_pad, width_pad, 1)
+    if shift > 0:  # SwinLayer.cyclic_shift
+        grid = torch.roll(grid, shifts=(-shift, -shift), dims=(1, 2))
+    window_gather = window_partition(grid, ws).reshape(-1)
+    inverse = torch.empty_like(window_gather).scatter_(0, window_gather, torch.arange(window_gather.numel(),
+                                                                                      device=device))
+    gathers = dict(window_gather=window_gather, grid_gather=inverse.view(height_pad, width_pad)[:height, :width].reshape(-1))
     if num_regions == 1:
-        return WindowLayout(pad=None, num_regions=1, region_code=None, stats=coords.contiguous())
+        return WindowLayout(pad=None, num_regions=1, region_code=None, stats=coords.contiguous(), **gathers)
     h_idx, w_idx = torch.arange(height_pad, device=device), torch.arange(width_pad, device=device)
     if shift > 0:  # upstream get_attn_mask's regions, already in the shifted frame
         h_region = (h_idx >= height_pad - ws).long() + (h_idx >= height_pad - shift).long()
@@ -150,7 +163,30 @@ def _window_layout(ws: int, shift: int, height: int, width: int, device) -> Wind
     code = (ids.unsqueeze(-1) == torch.arange(num_regions, device=device)).float()
     return WindowLayout(pad=ids >= shift_regions if padded else None, num_regions=num_regions,
                         region_code=code, stats=torch.cat([coords[..., :2], code, coords[..., 2:]], dim=-1),
-                        apart=(ids.unsqueeze(2) != ids.unsqueeze(1)).float())
+                        apart=(ids.unsqueeze(2) != ids.unsqueeze(1)).float(), **gathers)
+
+
+def gather_windows(layer: nn.Module, hidden_states: torch.Tensor, layout: WindowLayout, height: int, width: int):
+    """[B*nW, area, C]: window_partition(cyclic_shift(maybe_pad(grid))) of [B, H*W, C] tokens, as upstream's
+    Swin and Swinv2 layers partition them, in one gather instead of a copy per step (padding still pads)."""
+    batch_size, _, channels = hidden_states.shape
+    source = hidden_states
+    if layout.pad is not None:
+        source = layer.maybe_pad(hidden_states.view(batch_size, height, width, channels), height, width)[0]
+    area = layout.stats.shape[1]
+    return source.reshape(batch_size, -1, channels).index_select(1, layout.window_gather).view(-1, area, channels)
+
+
+def unpool(hidden_states: torch.Tensor, delta: torch.Tensor, assign: torch.Tensor, layout: WindowLayout):
+    """[B, H*W, C]: every token plus its cluster's update, x_j + delta[window(j), cluster(j)], in grid order.
+    The same as window_reverse + the reverse shift + cropping of the windows raw + one-hot^T @ delta, as one
+    gather of delta's rows (every one-hot column picks exactly one row, so the sums are exact either way)."""
+    batch_size, _, channels = hidden_states.shape
+    num_windows, k = delta.shape[:2]
+    rows = assign + torch.arange(num_windows, device=assign.device).unsqueeze(1) * k  # [B*nW, area]
+    rows = rows.view(batch_size, -1).index_select(1, layout.grid_gather)  # [B, H*W]
+    update = delta.reshape(-1, channels).index_select(0, rows.reshape(-1)).view_as(hidden_states)
+    return hidden_states + update.to(hidden_states.dtype)
 
 
 @dataclass(frozen=True)
@@ -387,7 +423,8 @@ def spread_attention(members: torch.Tensor, sizes: torch.Tensor, probs: torch.Te
 
 class TokenPoolSwinLayer(nn.Module):
     """Replaces transformers.models.swin.modeling_swin.SwinLayer.forward (5.x) in pooled blocks; the
-    window handling (set_shift_and_window_size, maybe_pad, cyclic_shift, window_partition) is upstream's.
+    window handling is upstream's (set_shift_and_window_size, maybe_pad; cyclic_shift and window_partition as
+    one gather, `gather_windows`).
 
     Everything a window needs is computed once per block from the [windows, k, area] one-hot of the
     cluster assignment: batched matmuls give the cluster means, sizes, mean positions and region counts,
@@ -408,12 +445,9 @@ class TokenPoolSwinLayer(nn.Module):
             raise ValueError(f"Swin windows of {area} tokens are too small for keep={plan.keep} (it would keep "
                              f"{k}); use a larger keep")
         height, width = input_dimensions
-        batch_size, _, channels = hidden_states.shape
+        batch_size = hidden_states.shape[0]
         layout = window_layout(ws, self.shift_size, height, width, hidden_states.device)
-        height_pad, width_pad = math.ceil(height / ws) * ws, math.ceil(width / ws) * ws
-
-        grid, _ = self.maybe_pad(hidden_states.view(batch_size, height, width, channels), height, width)
-        raw = window_partition(self.cyclic_shift(grid), ws).reshape(-1, area, channels)  # [B*nW, area, C]
+        raw = gather_windows(self, hidden_states, layout, height, width)  # [B*nW, area, C]
         normed = self.layernorm_before(raw)  # per token, so the same as normalising before partitioning
         if layout.pad is not None:  # ... except that padding positions hold zeros, not LayerNorm(0)
             normed = normed.masked_fill(layout.pad.repeat(batch_size, 1).unsqueeze(-1), 0.0)
@@ -430,16 +464,12 @@ class TokenPoolSwinLayer(nn.Module):
         updated = centres + attention_output
         delta = attention_output + self.dropout(self.mlp(self.layernorm_after(updated)))  # = updated' - centres
 
-        # 3. unpool: every token receives its cluster's update (one-hot^T @ delta picks that row)
-        windows = torch.baddbmm(raw, members.transpose(1, 2), delta).view(-1, ws, ws, channels)
-        grid = self.cyclic_shift(window_reverse(windows, ws, height_pad, width_pad), reverse=True)
-        if height_pad != height or width_pad != width:
-            grid = grid[:, :height, :width, :].contiguous()
+        # 3. unpool: every token receives its cluster's update
         attn_weights = None
         if want_probs:
             # per token: each cluster's attention spread evenly over its members, [B*nW, heads, area, area]
             attn_weights = spread_attention(members, sizes, probs)
-        return grid.reshape(batch_size, height * width, channels), attn_weights
+        return unpool(hidden_states, delta, assign, layout), attn_weights
 
     def _cluster_bias(self, stats, sizes, ws, num_regions, proportional):
         """[B*nW, heads, k, k] additive attention bias between clusters.

@@ -31,14 +31,16 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.swinv2.modeling_swinv2 import Swinv2Layer, window_partition, window_reverse
+from transformers.models.swinv2.modeling_swinv2 import Swinv2Layer
 
 from .swin import (
     BlockPlan,
     SwinAdapter,
     bias_at_mean_positions,
+    gather_windows,
     region_bias,
     spread_attention,
+    unpool,
     window_assignment,
     window_clusters,
     window_layout,
@@ -64,14 +66,9 @@ class TokenPoolSwinv2Layer(nn.Module):
             raise ValueError(f"Swinv2 windows of {area} tokens are too small for keep={plan.keep} (it would keep "
                              f"{k}); use a larger keep")
         height, width = input_dimensions
-        batch_size, _, channels = hidden_states.shape
+        batch_size = hidden_states.shape[0]
         layout = window_layout(ws, shift, height, width, hidden_states.device)
-        height_pad, width_pad = math.ceil(height / ws) * ws, math.ceil(width / ws) * ws
-
-        grid, _ = self.maybe_pad(hidden_states.view(batch_size, height, width, channels), height, width)
-        if shift > 0:
-            grid = torch.roll(grid, shifts=(-shift, -shift), dims=(1, 2))
-        raw = window_partition(grid, ws).reshape(-1, area, channels)  # [B*nW, area, C]
+        raw = gather_windows(self, hidden_states, layout, height, width)  # [B*nW, area, C], shifted windows
 
         # 1. cluster each window: the raw tokens at one scale per window (module docstring)
         scale = raw.detach().float().square().mean(dim=(1, 2), keepdim=True).clamp_min(1e-12).rsqrt()
@@ -89,14 +86,8 @@ class TokenPoolSwinv2Layer(nn.Module):
         mlp_output = self.drop_path(self.layernorm_after(self.output(self.intermediate(updated))))
         delta = attention_output + mlp_output  # = c' - c
 
-        # 3. unpool: every token receives its cluster's update (one-hot^T @ delta picks that row)
-        windows = torch.baddbmm(raw, members.transpose(1, 2), delta).view(-1, ws, ws, channels)
-        grid = window_reverse(windows, ws, height_pad, width_pad)
-        if shift > 0:
-            grid = torch.roll(grid, shifts=(shift, shift), dims=(1, 2))
-        if height_pad != height or width_pad != width:
-            grid = grid[:, :height, :width, :].contiguous()
-        layer_output = grid.reshape(batch_size, height * width, channels)
+        # 3. unpool: every token receives its cluster's update
+        layer_output = unpool(hidden_states, delta, assign, layout)
         if output_attentions:  # per token, as upstream returns them: [B*nW, heads, area, area]
             return layer_output, spread_attention(members, sizes, probs)
         return (layer_output,)
