@@ -98,8 +98,9 @@ def parse_args(argv=None):
                         help="also rows solved to these FLOPs budgets (fractions of the plain model)")
     parser.add_argument("--floor", action="store_true",
                         help="also a 'floor' row per keep and schedule: the same token counts with no reducer at all "
-                        "(each pooling layer keeps its first k tokens, SDPA, no proportional attention), the most any "
-                        "method could gain on this machine at that schedule (token-sequence models only)")
+                        "(each pooling layer keeps its first k tokens, SDPA, no proportional attention; Swin: each "
+                        "window's first k-1 tokens alone and the rest in one cluster, pooled, computed and unpooled as "
+                        "the methods are), the most any method could gain on this machine at that schedule")
     parser.add_argument("--compile", action="store_true",
                         help="time torch.compile(fullgraph=True) of the plain and of every pooled model against each "
                         "other (static shapes, one graph per batch size; the reducer share is then not measured)")
@@ -366,8 +367,9 @@ def rows_for_model(name, model, args, eval_data=None):
     if tp.protected_tokens(model) is not None:  # named schedules count a token sequence; Swin pools in windows
         settings += [(m, s, _recipe("fidelity").schedule_settings(s, num_layers, _num_patches(model, one)))
                      for m in args.methods for s in args.schedules]
-    if args.floor and tp.protected_tokens(model) is not None:
+    if args.floor:
         settings += [(FLOOR, None, {"keep": k}) for k in args.keeps]
+    if args.floor and tp.protected_tokens(model) is not None:
         settings += [(FLOOR, s, _recipe("fidelity").schedule_settings(s, num_layers, _num_patches(model, one)))
                      for s in args.schedules]
     settings += [(m, None, {"target_flops": t}) for m in args.budget_methods for t in args.target_flops]
@@ -430,7 +432,9 @@ def floor_model(model, options):
     then every pooling layer's reducer swapped for `keep_first`, which needs no attention signals; no
     proportional attention. Its speed-up is the most any method could reach at that schedule on this machine
     (the rest is matrix products running on fewer rows), so a method's speed-up / the floor's is the share
-    of what was reachable."""
+    of what was reachable. Swin uses only the assignment: each window's first k-1 tokens stay alone and the
+    rest form one cluster, then the block pools, computes and unpools as for every method, so Swin's floor
+    is the cost of that design with nothing spent on choosing the clusters."""
     pooled = tp.patch_model(copy.deepcopy(model), method="tome", proportional_attention=False, **options)
     for module in pooled.modules():
         plan = module.__dict__.get("_tokenpool")

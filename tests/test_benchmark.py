@@ -120,3 +120,24 @@ def test_reducer_cost_suite_counts_on_the_meta_device(tmp_path):
     assert by[(1369, "tokenpool", "tokens")]["reducer_gflops"] > 5 * by[(1369, "tokenpool", "keys")]["reducer_gflops"]
     assert all(by[(n, "tokenpool", "auto")]["reducer_share_of_plain"] < 0.01 for n in (196, 576, 1369, 4096))
     assert "| vit-b14-518 | 1369 |" in (tmp_path / "results.md").read_text()
+
+
+def test_swin_floor_pools_windows_without_choosing_clusters():
+    import torch
+    from conftest import make
+    from hf_tokenpool.adapters.swin import window_assignment, window_layout
+
+    plain = make("swin")
+    floor = benchmark.floor_model(plain, {"keep": 0.5})
+    plans = [block._tokenpool for block in benchmark.tp.ADAPTERS["swin"].blocks(benchmark.tp.patch.target(
+        benchmark.tp.ADAPTERS["swin"], floor))]
+    assert plans and all(p.reducer.fn is benchmark.keep_first for p in plans)
+    # each 4 x 4 window: its first k - 1 = 7 tokens alone, the other 9 in the last cluster
+    layout = window_layout(4, 0, 16, 16, torch.device("cpu"))  # stage 1: 16 x 16 tokens, 4 x 4 windows
+    assign = window_assignment(plans[0], torch.randn(2, 16, 16), layout, 4, 8, 1)
+    assert assign[0].tolist() == list(range(7)) + [7] * 9
+    pixels = torch.randn(2, 3, 32, 32)
+    ratio = benchmark.tp.count_flops(floor, pixels[:1]) / benchmark.tp.count_flops(plain, pixels[:1])
+    tome = benchmark.tp.patch_model(make("swin"), method="tome", keep=0.5)
+    assert ratio < benchmark.tp.count_flops(tome, pixels[:1]) / benchmark.tp.count_flops(plain, pixels[:1]) < 1
+    assert floor(pixel_values=pixels).logits.shape == (2, 5)
