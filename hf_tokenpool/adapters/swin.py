@@ -19,8 +19,10 @@ thousands of windows. The start is now the merge-cost one (reducers/tokenpool.py
 breaks ties among Swin's uniform weights), which made pooled Swin far more faithful (docs/fidelity.md).
 
 Speed (docs/swin.md, "Speed"): the registered reducers run as Swin-specific versions of the same
-algorithms (window_kmedoids, window_kmeans, window_tome), the shape-only layouts are cached, attention is
-an explicit softmax on contiguous heads, and the shift mask is -1000 rather than -100 (no denormals).
+algorithms (window_kmedoids, window_kmeans, window_tome), the shape-only layouts are cached, the grid goes
+into windows and back by one gather each (`gather_windows`, `unpool`: the shift and partition permutation is
+a cached constant), attention is an explicit softmax on contiguous heads, and the shift mask is -1000 rather
+than -100 (no denormals).
 Patching swaps `SwinLayer.__class__` only: no new parameters, `state_dict` keys unchanged.
 """
 
@@ -144,9 +146,10 @@ def _window_layout(ws: int, shift: int, height: int, width: int, device) -> Wind
     if shift > 0:  # SwinLayer.cyclic_shift
         grid = torch.roll(grid, shifts=(-shift, -shift), dims=(1, 2))
     window_gather = window_partition(grid, ws).reshape(-1)
-    inverse = torch.empty_like(window_gather).scatter_(0, window_gather, torch.arange(window_gather.numel(),
-                                                                                      device=device))
-    gathers = dict(window_gather=window_gather, grid_gather=inverse.view(height_pad, width_pad)[:height, :width].reshape(-1))
+    inverse = torch.empty_like(window_gather).scatter_(0, window_gather,
+                                                       torch.arange(window_gather.numel(), device=device))
+    grid_gather = inverse.view(height_pad, width_pad)[:height, :width].reshape(-1)  # padding dropped
+    gathers = dict(window_gather=window_gather, grid_gather=grid_gather)
     if num_regions == 1:
         return WindowLayout(pad=None, num_regions=1, region_code=None, stats=coords.contiguous(), **gathers)
     h_idx, w_idx = torch.arange(height_pad, device=device), torch.arange(width_pad, device=device)
@@ -178,9 +181,10 @@ def gather_windows(layer: nn.Module, hidden_states: torch.Tensor, layout: Window
 
 
 def unpool(hidden_states: torch.Tensor, delta: torch.Tensor, assign: torch.Tensor, layout: WindowLayout):
-    """[B, H*W, C]: every token plus its cluster's update, x_j + delta[window(j), cluster(j)], in grid order.
-    The same as window_reverse + the reverse shift + cropping of the windows raw + one-hot^T @ delta, as one
-    gather of delta's rows (every one-hot column picks exactly one row, so the sums are exact either way)."""
+    """[B, H*W, C]: every token plus its cluster's update, x_j + delta[window(j), cluster(j)], in grid order:
+    window_reverse, the reverse shift and the crop of (windows + each token's update) as one gather of delta's
+    rows and one add on the block's own input, which holds the same values as the windows (bit-identical to
+    the former one-hot^T @ delta product, whose every column picked exactly one row)."""
     batch_size, _, channels = hidden_states.shape
     num_windows, k = delta.shape[:2]
     rows = assign + torch.arange(num_windows, device=assign.device).unsqueeze(1) * k  # [B*nW, area]
