@@ -4,10 +4,11 @@
     pip install timm "git+https://github.com/facebookresearch/ToMe"   # the contender; not a dependency
     python recipes/compare_official_tome.py --output_dir docs/results/official-tome
 
-The same DeiT-S/16 shape twice, random init: timm's `deit_small_distilled_patch16_224` plain and patched
-by official ToMe (`tome.patch.timm`, proportional attention, `model.r = R`), and transformers'
-`DeiTForImageClassificationWithTeacher` plain and patched by hf_tokenpool at the `r-R` schedule (the same
-tokens per layer, checked: both rows print them). All five models run in turn on the same batch (timm plain,
+The same shape twice, random init (--shape deit-s16-224: timm's `deit_small_distilled_patch16_224`
+against transformers' `DeiTForImageClassificationWithTeacher`; vit-b16-224: `vit_base_patch16_224` against
+`ViTForImageClassification`), each plain and patched, timm's by official ToMe (`tome.patch.timm`, proportional
+attention, `model.r = R`), transformers' by hf_tokenpool at the `r-R` schedule (the same tokens per layer,
+checked: the rows record them). All the models run in turn on the same batch (timm plain,
 official ToMe, HF plain, then each hf_tokenpool method; warm-up, then `--repeats` rounds), so a change in
 machine load hits every contender alike; each pooled model's speed-up is the median of its repeat-by-repeat
 ratios to its own plain model, with min-max, and its share of the ideal 1 / (FLOPs ratio) uses FLOPs from
@@ -29,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import hf_tokenpool as tp  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+# benchmark.py's shape name -> the timm model of the same shape (ToMe's own benchmarks use these)
+TIMM_MODELS = {"deit-s16-224": "deit_small_distilled_patch16_224", "vit-b16-224": "vit_base_patch16_224"}
 
 
 def _import_contender():
@@ -66,6 +69,8 @@ def tokens_entering(blocks, run) -> list[int]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="deit-s16-224", choices=list(TIMM_MODELS),
+                   help="benchmark.py's shape, timed against the timm model of the same shape")
     p.add_argument("--r", type=int, default=13, help="tokens merged per layer (ToMe's r; hf_tokenpool's r-R schedule)")
     p.add_argument("--methods", nargs="+", default=["tome", "tokenpool"], choices=tp.config.METHODS)
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[8, 1])
@@ -88,16 +93,16 @@ def main(argv=None):
     from benchmark import SHAPES, _recipe, tokens_per_layer  # noqa: E402 (sibling script)
 
     torch.manual_seed(0)
-    timm_plain = timm.create_model("deit_small_distilled_patch16_224", pretrained=False).eval()
-    official = timm.create_model("deit_small_distilled_patch16_224", pretrained=False).eval()
+    timm_plain = timm.create_model(TIMM_MODELS[args.shape], pretrained=False).eval()
+    official = timm.create_model(TIMM_MODELS[args.shape], pretrained=False).eval()
     official.load_state_dict(timm_plain.state_dict())
     tome.patch.timm(official)
     official.r = args.r
-    hf_plain = SHAPES["deit-s16-224"]().eval()
+    hf_plain = SHAPES[args.shape]().eval()
     num_layers = hf_plain.config.num_hidden_layers
     schedule = _recipe("fidelity").schedule_settings(f"r-{args.r}", num_layers,
                                                      (hf_plain.config.image_size // hf_plain.config.patch_size) ** 2)
-    ours = {m: tp.patch_model(SHAPES["deit-s16-224"]().eval(), method=m, **schedule) for m in args.methods}
+    ours = {m: tp.patch_model(SHAPES[args.shape]().eval(), method=m, **schedule) for m in args.methods}
     for m in ours.values():
         m.load_state_dict(hf_plain.state_dict())
 
@@ -125,7 +130,7 @@ def main(argv=None):
     official_speedup = {r["batch_size"]: r["speedup"] for r in rows if r["contender"] == "official ToMe"}
     for r in rows:
         r["relative_to_official"] = r["speedup"] / official_speedup[r["batch_size"]]
-    lines = [f"DeiT-S/16 224 px, r = {args.r} per layer, {args.repeats} interleaved repeats, "
+    lines = [f"{args.shape} ({TIMM_MODELS[args.shape]} in timm), r = {args.r} per layer, {args.repeats} interleaved repeats, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}", "",
              "| contender | batch | speed-up (min-max) | ideal | share of ideal | vs official ToMe | images/s (plain) |",
              "|---|---|---|---|---|---|---|"]
@@ -138,7 +143,8 @@ def main(argv=None):
     if args.output_dir:
         args.output_dir.mkdir(parents=True, exist_ok=True)
         (args.output_dir / "results.json").write_text(json.dumps(
-            {"rows": rows, "r": args.r, "repeats": args.repeats, "threads": torch.get_num_threads(),
+            {"rows": rows, "shape": args.shape, "timm_model": TIMM_MODELS[args.shape], "r": args.r,
+             "repeats": args.repeats, "threads": torch.get_num_threads(),
              "torch": torch.__version__, "timm": timm.__version__}, indent=2))
         (args.output_dir / "results.md").write_text("\n".join(lines) + "\n")
     return rows

@@ -21,7 +21,8 @@ def test_without_the_contender_it_says_what_to_install(monkeypatch):
         compare.main(["--repeats", "1"])
 
 
-@pytest.mark.parametrize("argv", [["--r", "0"], ["--repeats", "0"], ["--batch_sizes", "0"], ["--methods", "nope"]])
+@pytest.mark.parametrize("argv", [["--r", "0"], ["--repeats", "0"], ["--batch_sizes", "0"], ["--methods", "nope"],
+                                  ["--shape", "swin-t-224"]])
 def test_bad_arguments_are_refused(argv, capsys):
     with pytest.raises(SystemExit):
         compare.parse_args(argv)
