@@ -431,9 +431,10 @@ class TokenPoolSwinLayer(nn.Module):
     one gather, `gather_windows`).
 
     Everything a window needs is computed once per block from the [windows, k, area] one-hot of the
-    cluster assignment: batched matmuls give the cluster means, sizes, mean positions and region counts,
-    and the unpool is one more (raw + one-hot^T @ update). Region ids, positions and the spread prior
-    depend only on (window size, shift, grid) and are cached.
+    cluster assignment: batched matmuls give the cluster means, sizes, mean positions and region counts;
+    the unpool gathers each token's cluster update straight into grid order (`unpool`). Region ids,
+    positions, the spread prior and the window gathers depend only on (window size, shift, grid) and are
+    cached.
     """
 
     def forward(self, hidden_states, input_dimensions, always_partition=False, **kwargs):
