@@ -334,16 +334,22 @@ def load_eval_data(folder, args):
     return pixels.to(args.device), labels
 
 
+def paired_speedup(plain_seconds, pooled_seconds) -> dict:
+    """The speed-up of forwards timed alternately (tp.time_interleaved's "seconds", in timing order): the
+    median of the repeat-by-repeat ratios plain / pooled, with its min and max."""
+    ratios = sorted(a / b for a, b in zip(plain_seconds, pooled_seconds))
+    return {"speedup": statistics.median(ratios), "speedup_min": ratios[0], "speedup_max": ratios[-1]}
+
+
 def speed(plain, pooled, batches: dict, args) -> dict:
     """Per batch size: plain and pooled timed alternately (tp.time_interleaved), the speed-up as the
     median of the repeat-by-repeat ratios, with its min and max."""
     out = {}
     for size, batch in batches.items():
         t = tp.time_interleaved({"plain": plain, "pooled": pooled}, batch, warmup=args.warmup, repeats=args.repeats)
-        ratios = sorted(a / b for a, b in zip(t["plain"]["seconds"], t["pooled"]["seconds"]))
         out[size] = {"plain_images_per_s": t["plain"]["images_per_second"],
-                     "images_per_s": t["pooled"]["images_per_second"], "speedup": statistics.median(ratios),
-                     "speedup_min": ratios[0], "speedup_max": ratios[-1], "repeats": args.repeats}
+                     "images_per_s": t["pooled"]["images_per_second"],
+                     **paired_speedup(t["plain"]["seconds"], t["pooled"]["seconds"]), "repeats": args.repeats}
     return out
 
 

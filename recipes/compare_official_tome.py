@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -90,7 +89,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     sys.path.insert(0, str(HERE))
-    from benchmark import SHAPES, _recipe, tokens_per_layer  # noqa: E402 (sibling script)
+    from benchmark import SHAPES, _recipe, paired_speedup, tokens_per_layer  # noqa: E402 (sibling script)
 
     torch.manual_seed(0)
     timm_plain = timm.create_model(TIMM_MODELS[args.shape], pretrained=False).eval()
@@ -113,18 +112,17 @@ def main(argv=None):
     flops = {name: tp.count_flops(m, one) for name, m in models.items()}
     tokens = {"official ToMe": tokens_entering(official.blocks, lambda: official(one)),
               **{f"hf_tokenpool {m}": tokens_per_layer(model, one) for m, model in ours.items()}}
-    tokens = {name: t[1:] + [None] for name, t in tokens.items()}  # counts after each layer's reduction
-    # the MLP of layer i runs on the tokens layer i+1 receives (both pool between attention and MLP)
+    # counts after each layer's reduction (both pool between attention and MLP, so layer i's MLP runs on them)
+    tokens = {name: t[1:] + [None] for name, t in tokens.items()}
     rows = []
     for batch_size in args.batch_sizes:
         pixels = torch.randn(batch_size, 3, 224, 224)
         t = tp.time_interleaved(models, pixels, warmup=args.warmup, repeats=args.repeats)
         for name, base in baseline.items():
-            ratios = sorted(a / b for a, b in zip(t[base]["seconds"], t[name]["seconds"]))
             ratio = flops[name] / flops[base]
-            speedup = statistics.median(ratios)
-            rows.append({"contender": name, "batch_size": batch_size, "speedup": speedup, "speedup_min": ratios[0],
-                         "speedup_max": ratios[-1], "ideal_speedup": 1 / ratio, "speedup_of_ideal": speedup * ratio,
+            speedup = paired_speedup(t[base]["seconds"], t[name]["seconds"])
+            rows.append({"contender": name, "batch_size": batch_size, **speedup, "ideal_speedup": 1 / ratio,
+                         "speedup_of_ideal": speedup["speedup"] * ratio,
                          "flops_ratio": ratio, "images_per_s": t[name]["images_per_second"],
                          "plain_images_per_s": t[base]["images_per_second"], "tokens_after_each_layer": tokens[name]})
     official_speedup = {r["batch_size"]: r["speedup"] for r in rows if r["contender"] == "official ToMe"}
