@@ -81,7 +81,7 @@ def test_siglip_attention_pooling_head_is_proportional(method, pixels):
                                           for m in ["tokenpool", "topk"] if (n, m) != ("siglip", "topk")])
 def test_blocked_softmax_equals_one_block(name, method, pixels, monkeypatch):
     """The explicit softmax that gives the significance runs in blocks of query rows at long sequences;
-    forced into blocks of 16 rows here (65 tokens), the pooled model is the one-block model."""
+    forced into blocks of one image and 16 rows here (65 tokens), the pooled model is the one-block model."""
     from hf_tokenpool.adapters import vit
 
     expected = output_of(tp.patch_model(make(name), keep=0.5, method=method), pixels)
