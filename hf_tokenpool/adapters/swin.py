@@ -280,8 +280,9 @@ def first_k_descending(values: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def nearest_medoid(dist: torch.Tensor, medoids: torch.Tensor) -> torch.Tensor:
-    """reducers.tokenpool._nearest: every token to its nearest medoid (the first on ties), each medoid
-    forced into its own cluster. `min().indices` is argmin's first minimum, and faster on CPU."""
+    """reducers.tokenpool._nearest over a window's few medoids: every token to its nearest medoid (the
+    first medoid on ties, where _nearest takes the lowest token index), each medoid forced into its own
+    cluster. `min().indices` is argmin's first minimum, and faster on CPU."""
     num, area, _ = dist.shape
     k = medoids.shape[1]
     assign = dist.gather(2, medoids.unsqueeze(1).expand(num, area, k)).min(-1).indices

