@@ -11,12 +11,14 @@ from __future__ import annotations
 import torch
 
 from .base import PoolResult, Signals, check_reduce_args, cluster_sizes, identity_result, weighted_mean
-from .tokenpool import clustering_features, heaviest, significance_weights
+from .tokenpool import cluster_argmin, clustering_features, heaviest, significance_weights
 
 
-def _sq_dist(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """[B, N, k] squared Euclidean distances, float32."""
-    return ((x * x).sum(-1, keepdim=True) + (centres * centres).sum(-1).unsqueeze(1) - 2 * x @ centres.transpose(1, 2)).clamp_min(0)
+def _sq_dist(x: torch.Tensor, x_sq: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+    """[B, N, k] squared Euclidean distances, float32, given the points' squared norms x_sq [B, N] (computed
+    once per call: the points do not move between rounds). One fused product-and-add per round."""
+    c_sq = (centres * centres).sum(-1)
+    return torch.baddbmm(x_sq.unsqueeze(2) + c_sq.unsqueeze(1), x, centres.transpose(1, 2), alpha=-2).clamp_min_(0)
 
 
 def kmeans(tokens: torch.Tensor, sizes: torch.Tensor, k: int, signals: Signals, *, iterations: int = 5,
@@ -45,16 +47,19 @@ def kmeans(tokens: torch.Tensor, sizes: torch.Tensor, k: int, signals: Signals, 
 
     with torch.no_grad():
         x, wd = features, w.detach()
+        x_sq = (x * x).sum(-1)
         arange_k = torch.arange(k, device=tokens.device).expand(b, k)
         anchors = heaviest(w, k)  # [B, k]
         centres = x.gather(1, anchors.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        assign = _sq_dist(x, centres).argmin(-1).scatter(1, anchors, arange_k)
+        # min().indices: argmin's first minimum, 2-4x faster on CPU
+        assign = _sq_dist(x, x_sq, centres).min(-1).indices.scatter(1, anchors, arange_k)
         for _ in range(iterations):
             centres = weighted_mean(x, wd, assign, k)
-            dist = _sq_dist(x, centres)
-            own = assign.unsqueeze(-1) == arange_k.unsqueeze(1)  # previous membership [B, N, k]
-            anchors = dist.masked_fill(~own, float("inf")).argmin(1)
-            assign = dist.argmin(-1).scatter(1, anchors, arange_k)
+            dist = _sq_dist(x, x_sq, centres)
+            # each cluster's next anchor: the member of its previous cluster nearest to the updated centre,
+            # a scatter-min over each token's distance to its own centre (O(N), not a masked [N, k] pass)
+            anchors = cluster_argmin(dist.gather(2, assign.unsqueeze(-1)).squeeze(-1), assign, k)
+            assign = dist.min(-1).indices.scatter(1, anchors, arange_k)
 
     out = weighted_mean(tokens.float(), w, assign, k).to(tokens.dtype)
     new_sizes = cluster_sizes(sizes.float(), assign, k).to(sizes.dtype)

@@ -129,7 +129,7 @@ def merge_costs(dist: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return w * nearest
 
 
-def _cluster_argmin(cost: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tensor:
+def cluster_argmin(cost: torch.Tensor, assign: torch.Tensor, k: int) -> torch.Tensor:
     """[B, k]: in every cluster, the member with the lowest cost (the lowest index on ties), in O(N)."""
     n = cost.shape[1]
     inf = cost.new_full((cost.shape[0], k), float("inf"))
@@ -164,7 +164,7 @@ def kmedoids(x: torch.Tensor, dist: torch.Tensor, w: torch.Tensor, k: int, itera
         else:
             means = weighted_mean(x, w, assign, k)  # [B, k, D]
             cost = (x - means.gather(1, assign.unsqueeze(-1).expand_as(x))).square().sum(-1)  # W_c |x_m - mu_c|^2 / W_c
-        medoids = _cluster_argmin(cost, assign, k)
+        medoids = cluster_argmin(cost, assign, k)
         assign = _nearest(dist, medoids)
     return medoids, assign
 
