@@ -33,7 +33,7 @@ test: install
 benchmark: install
 	$(BIN)/python recipes/benchmark.py --suite shapes --keeps 0.6 --schedules r-13 --target_flops --output_dir docs/results/sweep-shapes
 	$(BIN)/python recipes/benchmark.py --suite shapes --shapes dinov2-s14-518 dinov2-reg-s14-518 --keeps 0.6 --schedules r-13 --target_flops --output_dir docs/results/sweep-dinov2
-	$(BIN)/python recipes/benchmark.py --suite shapes --shapes dinov2-s14-518 dinov2-reg-s14-518 --methods tokenpool --keeps 0.6 --target_flops --output_dir docs/results/sweep-dinov2-final
+	$(BIN)/python recipes/benchmark.py --suite shapes --shapes dinov2-s14-518 dinov2-reg-s14-518 --methods tokenpool kmeans topk --keeps 0.6 --target_flops --output_dir docs/results/sweep-dinov2-final
 	$(BIN)/python recipes/benchmark.py --suite shapes --shapes deit-s16-224 vit-b16-224 --keeps 0.6 --schedules r-13 --target_flops --floor --output_dir docs/results/sweep-floor
 	$(BIN)/python recipes/benchmark.py --suite shapes --shapes swin-t-224 swinv2-t-256 --keeps 0.6 --target_flops --floor --output_dir docs/results/sweep-swin
 	$(BIN)/python recipes/benchmark.py --suite checkpoints --keeps 0.5 0.6 0.7 --schedules r-8 --target_flops 0.5 --output_dir docs/results/sweep-checkpoints

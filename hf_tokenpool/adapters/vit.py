@@ -126,7 +126,8 @@ def softmax_attention(q, k, v, bias, scaling: float, dropout: float, needs: froz
     blocks of whole images or of query rows (`_BLOCK_ELEMENTS`) unless the probabilities themselves are
     returned (`return_probs`, one block). At 1370 tokens (DINOv2-S/14 at 518 px, batch 8) query-row
     blocks took tokenpool from 0.96x to 1.61x the plain model's speed, and this form with 4x larger row
-    blocks from 1.77x to 1.92x (docs/families.md); at 196 tokens the model's speed did not change.
+    blocks topk from 1.79x to 2.00x (docs/results.md, "Changes measured against the previous code"); at 196
+    tokens the model's speed did not measurably change.
     Block sizes depend on shapes only, so the loops trace, compile and export like one block."""
     b, h, n, _ = q.shape
     per_image = h * n * n
