@@ -122,7 +122,7 @@ def _nearest(dist: torch.Tensor, medoids: torch.Tensor) -> torch.Tensor:
 def merge_costs(dist: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """[B, N] cost of folding each token into its nearest more significant token: w_j min_{i before j} D[j, i]
     (order: significance, ties to the lower index). The most significant token can fold nowhere (inf)."""
-    rank = stable_descending_rank(w).to(torch.int32)  # a 4x smaller comparison than int64's
+    rank = stable_descending_rank(w).to(torch.int32)  # int32 compares faster than int64 on CPU
     before = rank.unsqueeze(1) < rank.unsqueeze(2)  # [B, j, i]: i is more significant than j
     # a tensor fill rather than a Python scalar: 2x faster at N=196 on CPU
     nearest = torch.where(before, dist, dist.new_tensor(float("inf"))).amin(-1)
