@@ -379,3 +379,36 @@ def test_swin_window_gathers_equal_upstreams_partition_and_reverse(height, width
     windows = expected + delta.gather(1, assign.unsqueeze(-1).expand(-1, -1, 8))
     back = layer.cyclic_shift(window_reverse(windows.view(-1, ws, ws, 8), ws, *grid.shape[1:3]), reverse=True)
     assert torch.equal(unpool(x, delta, assign, layout), back[:, :height, :width].reshape(2, -1, 8))
+
+
+@pytest.mark.parametrize("budget", [1, 2**12, 2**19], ids=["rows-and-images", "images", "one-block"])
+@pytest.mark.parametrize("bias_shape", [None, "per-image", "per-head"])
+def test_explicit_attention_equals_a_plain_softmax(budget, bias_shape, monkeypatch):
+    """adapters.vit.softmax_attention (exp in place, output divided by the row sums, in blocks of images or
+    query rows) against softmax(q k^T s + bias) v written plainly: the output, the significance (attention
+    received over heads and queries), the CLS attention, the probabilities, and the gradients."""
+    from hf_tokenpool.adapters import vit
+
+    monkeypatch.setattr(vit, "_BLOCK_ELEMENTS", budget)
+    torch.manual_seed(0)
+    b, h, n, d = 3, 4, 37, 8
+    q, k, v = (torch.randn(b, h, n, d, requires_grad=True) for _ in range(3))
+    bias = {None: None, "per-image": torch.rand(b, 1, 1, n).log(), "per-head": torch.randn(1, h, n, n)}[bias_shape]
+    logits = q @ k.transpose(2, 3) * 0.3 + (0 if bias is None else bias)
+    probs = logits.softmax(-1)
+    expected = probs @ v
+    needs = frozenset({"significance", "cls_attention"})
+    for return_probs in (False, True):
+        out, p, signals = vit.softmax_attention(q, k, v, bias, 0.3, 0.0, needs, return_probs=return_probs)
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(signals.significance, probs.detach().sum(dim=(1, 2)))
+        torch.testing.assert_close(signals.cls_attention, probs.detach()[:, :, 0].mean(1))
+        assert (p is None) != return_probs
+        if return_probs:
+            torch.testing.assert_close(p, probs)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    for got, want in zip(grads, torch.autograd.grad(expected.square().sum(), (q, k, v))):
+        torch.testing.assert_close(got, want)
+    half, _, _ = vit.softmax_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias, 0.3, 0.0, needs)
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half.float(), expected, atol=3e-2, rtol=3e-2)
