@@ -341,6 +341,15 @@ def paired_speedup(plain_seconds, pooled_seconds) -> dict:
     return {"speedup": statistics.median(ratios), "speedup_min": ratios[0], "speedup_max": ratios[-1]}
 
 
+def paired_row(times: dict, name: str, base: str, flops_ratio: float) -> dict:
+    """One contender against its plain model from one tp.time_interleaved result: the paired speed-up with
+    min-max, the ideal 1 / flops_ratio and the share of it reached, and both models' images/s."""
+    speedup = paired_speedup(times[base]["seconds"], times[name]["seconds"])
+    return {**speedup, "flops_ratio": flops_ratio, "ideal_speedup": 1 / flops_ratio,
+            "speedup_of_ideal": speedup["speedup"] * flops_ratio, "images_per_s": times[name]["images_per_second"],
+            "plain_images_per_s": times[base]["images_per_second"]}
+
+
 def speed(plain, pooled, batches: dict, args) -> dict:
     """Per batch size: plain and pooled timed alternately (tp.time_interleaved), the speed-up as the
     median of the repeat-by-repeat ratios, with its min and max."""

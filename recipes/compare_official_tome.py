@@ -89,7 +89,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     sys.path.insert(0, str(HERE))
-    from benchmark import SHAPES, _recipe, paired_speedup, tokens_per_layer  # noqa: E402 (sibling script)
+    from benchmark import SHAPES, _recipe, paired_row, tokens_per_layer  # noqa: E402 (sibling script)
 
     torch.manual_seed(0)
     timm_plain = timm.create_model(TIMM_MODELS[args.shape], pretrained=False).eval()
@@ -119,12 +119,8 @@ def main(argv=None):
         pixels = torch.randn(batch_size, 3, 224, 224)
         t = tp.time_interleaved(models, pixels, warmup=args.warmup, repeats=args.repeats)
         for name, base in baseline.items():
-            ratio = flops[name] / flops[base]
-            speedup = paired_speedup(t[base]["seconds"], t[name]["seconds"])
-            rows.append({"contender": name, "batch_size": batch_size, **speedup, "ideal_speedup": 1 / ratio,
-                         "speedup_of_ideal": speedup["speedup"] * ratio,
-                         "flops_ratio": ratio, "images_per_s": t[name]["images_per_second"],
-                         "plain_images_per_s": t[base]["images_per_second"], "tokens_after_each_layer": tokens[name]})
+            rows.append({"contender": name, "batch_size": batch_size,
+                         **paired_row(t, name, base, flops[name] / flops[base]), "tokens_after_each_layer": tokens[name]})
     official_speedup = {r["batch_size"]: r["speedup"] for r in rows if r["contender"] == "official ToMe"}
     for r in rows:
         r["relative_to_official"] = r["speedup"] / official_speedup[r["batch_size"]]

@@ -75,7 +75,7 @@ def _output(out) -> torch.Tensor:
 def main(argv=None):
     args = parse_args(argv)
     sys.path.insert(0, str(HERE))
-    from benchmark import SHAPES, _recipe, paired_speedup  # noqa: E402 (sibling script)
+    from benchmark import SHAPES, _recipe, paired_row  # noqa: E402 (sibling script)
 
     if args.shape not in SHAPES:
         raise SystemExit(f"--shape {args.shape!r}: expected one of {sorted(SHAPES)}")
@@ -105,12 +105,8 @@ def main(argv=None):
             difference = (outputs[f"old {method}"] - outputs[f"new {method}"]).abs().max().item()
             for version in ("old", "new"):
                 name = f"{version} {method}"
-                ratio = flops[name] / flops["plain"]
-                speedup = paired_speedup(t["plain"]["seconds"], t[name]["seconds"])
-                rows.append({"method": method, "version": version, "batch_size": batch_size, **speedup,
-                             "flops_ratio": ratio, "speedup_of_ideal": speedup["speedup"] * ratio,
-                             "images_per_s": t[name]["images_per_second"],
-                             "plain_images_per_s": t["plain"]["images_per_second"],
+                rows.append({"method": method, "version": version, "batch_size": batch_size,
+                             **paired_row(t, name, "plain", flops[name] / flops["plain"]),
                              "max_abs_difference_old_new": difference})
     lines = [f"{args.shape}, schedule {args.schedule}, old = {args.old}, {args.repeats} interleaved repeats, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}", "",
