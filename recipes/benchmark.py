@@ -379,14 +379,14 @@ def rows_for_model(name, model, args, eval_data=None):
     num_layers = tp.num_layers(model)
     settings = [("none", None, {})]
     settings += [(m, None, {"keep": k}) for m in args.methods for k in args.keeps]
-    if tp.protected_tokens(model) is not None:  # named schedules count a token sequence; Swin pools in windows
-        settings += [(m, s, _recipe("fidelity").schedule_settings(s, num_layers, _num_patches(model, one)))
-                     for m in args.methods for s in args.schedules]
+    named = {}  # named schedules count a token sequence; Swin pools in windows
+    if tp.protected_tokens(model) is not None and args.schedules:
+        patches = _num_patches(model, one)
+        named = {s: _recipe("fidelity").schedule_settings(s, num_layers, patches) for s in args.schedules}
+    settings += [(m, s, options) for m in args.methods for s, options in named.items()]
     if args.floor:
         settings += [(FLOOR, None, {"keep": k}) for k in args.keeps]
-    if args.floor and tp.protected_tokens(model) is not None:
-        settings += [(FLOOR, s, _recipe("fidelity").schedule_settings(s, num_layers, _num_patches(model, one)))
-                     for s in args.schedules]
+        settings += [(FLOOR, s, options) for s, options in named.items()]
     settings += [(m, None, {"target_flops": t}) for m in args.budget_methods for t in args.target_flops]
     rows = []
     for method, schedule, options in tqdm(settings, desc=name, leave=False):
