@@ -1,6 +1,7 @@
 """recipes/compare_versions.py: two versions of hf_tokenpool timed side by side in one process."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,5 @@ def test_this_checkout_against_itself_gives_the_same_outputs_and_paired_rows(tmp
         assert r["max_abs_difference_old_new"] == 0.0
         assert r["speedup_min"] <= r["speedup"] <= r["speedup_max"] and 0.4 < r["flops_ratio"] < 0.6
     assert rows[0]["flops_ratio"] == rows[1]["flops_ratio"]
-    import sys
     assert sys.modules["hf_tokenpool_old"].patch_model is not sys.modules["hf_tokenpool"].patch_model
     assert (tmp_path / "results.md").read_text().count("| tokenpool |") == 2
