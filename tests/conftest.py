@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -78,6 +80,26 @@ def main_output(out):
 def output_of(model, pixels, **kwargs):
     with torch.no_grad():
         return main_output(model(pixel_values=pixels, **kwargs))
+
+
+def output_in_a_fresh_process(model, pixels, folder) -> str:
+    """torch.save the model, load it in a new Python process and compare its output with this process's:
+    returns "same" or the child's error. The child runs at this process's thread count (a CI machine with
+    more cores would otherwise split the matmul reductions differently); the float tolerance still catches
+    a lost or altered patch, which moves these tiny models' outputs by 0.03 and more."""
+    import subprocess
+    import sys
+
+    torch.save(model, folder / "model.pt")
+    torch.save(pixels, folder / "pixels.pt")
+    torch.save(output_of(model, pixels), folder / "expected.pt")
+    code = (f"import torch, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from conftest import output_of; "
+            f"torch.set_num_threads({torch.get_num_threads()}); "
+            f"m = torch.load('{folder}/model.pt', weights_only=False).eval(); "
+            f"x = torch.load('{folder}/pixels.pt'); e = torch.load('{folder}/expected.pt'); "
+            "torch.testing.assert_close(output_of(m, x), e); print('same')")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    return result.stdout.strip() or result.stderr[-2000:]
 
 
 @pytest.fixture

@@ -5,12 +5,10 @@ and a meta-device forward; plus attention maps, FLOPs counted against arithmetic
 import copy
 import io
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import TINY_MODELS, VIT_SHAPE, main_output, make, output_of
+from conftest import TINY_MODELS, VIT_SHAPE, main_output, make, output_in_a_fresh_process, output_of
 
 import hf_tokenpool as tp
 
@@ -110,17 +108,7 @@ def test_pickle_torch_save_and_deepcopy_round_trip(name, method, pixels):
 @pytest.mark.parametrize("name", ["vit", "dinov2-registers", "siglip"])
 def test_a_pickled_model_loads_in_a_fresh_process(name, pixels, tmp_path):
     model = patched(name, "tokenpool")
-    torch.save(model, tmp_path / "model.pt")
-    torch.save(pixels, tmp_path / "pixels.pt")
-    torch.save(output_of(model, pixels), tmp_path / "expected.pt")
-    # Same thread count as this process (a CI machine with more cores would otherwise split the matmul
-    # reductions differently); float tolerances still catch a lost or altered patch, which changes the tokens.
-    code = (f"import torch; torch.set_num_threads({torch.get_num_threads()}); "
-            f"m = torch.load('{tmp_path}/model.pt', weights_only=False).eval(); "
-            f"x = torch.load('{tmp_path}/pixels.pt'); e = torch.load('{tmp_path}/expected.pt'); "
-            "torch.testing.assert_close(m(pixel_values=x).logits.detach(), e); print('same')")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.stdout.strip() == "same", result.stderr[-2000:]
+    assert output_in_a_fresh_process(model, pixels, tmp_path) == "same"
 
 
 def test_pickle_after_torch_export_still_works(pixels):

@@ -4,12 +4,10 @@ plus the Swinv2 geometry (continuous position bias, pretrained_window_sizes, the
 import copy
 import io
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import SWIN_SHAPE, output_of
+from conftest import SWIN_SHAPE, output_in_a_fresh_process, output_of
 from transformers import (
     Swinv2Backbone,
     Swinv2Config,
@@ -300,14 +298,7 @@ def test_pickle_torch_save_and_deepcopy_round_trip(method, pixels):
 
 def test_a_pickled_model_loads_in_a_fresh_process(pixels, tmp_path):
     model = patched()
-    torch.save(model, tmp_path / "model.pt")
-    torch.save(pixels, tmp_path / "pixels.pt")
-    torch.save(output_of(model, pixels), tmp_path / "expected.pt")
-    code = (f"import torch; m = torch.load('{tmp_path}/model.pt', weights_only=False).eval(); "
-            f"x = torch.load('{tmp_path}/pixels.pt'); e = torch.load('{tmp_path}/expected.pt'); "
-            "torch.testing.assert_close(m(pixel_values=x).logits.detach(), e, rtol=0, atol=0); print('same')")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert result.stdout.strip() == "same", result.stderr[-2000:]
+    assert output_in_a_fresh_process(model, pixels, tmp_path) == "same"
 
 
 @pytest.mark.parametrize("method", METHODS)
