@@ -13,13 +13,22 @@ official ToMe, HF plain, then each hf_tokenpool method; warm-up, then `--repeats
 machine load hits every contender alike; each pooled model's speed-up is the median of its repeat-by-repeat
 ratios to its own plain model, with min-max, and its share of the ideal 1 / (FLOPs ratio) uses FLOPs from
 torch's counter (attention included). Official ToMe's code is not part of hf_tokenpool: install it yourself.
+
+Then, in separate rounds so that the speed above is timed untouched, where the pooling's own time goes: the
+milliseconds per forward spent choosing and merging the tokens (official ToMe: `bipartite_soft_matching` and
+`merge_wavg`; hf_tokenpool: `pool_tokens`, which splits off the protected tokens, runs the reducer and joins
+them again), medians over `--repeats` forwards. The rest of a pooled forward is the model itself on fewer
+tokens, plus, for methods that need the attention probabilities, the explicit softmax.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -64,6 +73,52 @@ def tokens_entering(blocks, run) -> list[int]:
         for h in hooks:
             h.remove()
     return counts
+
+
+@contextmanager
+def timing_calls(module, names: list[str]):
+    """Replace module-level functions `names` of `module` by timed wrappers for the duration; yields the list
+    that collects the seconds spent inside them (calls made from within a timed call are not counted twice)."""
+    spent, depth, originals = [0.0], [0], {name: getattr(module, name) for name in names}
+
+    def timed(fn):
+        def wrapper(*args, **kwargs):
+            depth[0] += 1
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+                if depth[0] == 0:
+                    spent[0] += time.perf_counter() - start
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(module, name, timed(fn))
+    try:
+        yield spent
+    finally:
+        for name, fn in originals.items():
+            setattr(module, name, fn)
+
+
+@torch.no_grad()
+def pooling_times(runs: dict, warmup: int, repeats: int) -> dict[str, dict]:
+    """runs: {name: (run, module, function names)}. Runs each `run()` in turn, `repeats` rounds, with the named
+    module-level functions timed; returns {name: {"forward_ms", "pooling_ms"}}, medians per forward."""
+    for run, _, _ in runs.values():
+        for _ in range(warmup):
+            run()
+    totals, inside = {name: [] for name in runs}, {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, (run, module, names) in runs.items():
+            with timing_calls(module, names) as spent:
+                start = time.perf_counter()
+                run()
+                totals[name].append(time.perf_counter() - start)
+            inside[name].append(spent[0])
+    return {name: {"forward_ms": 1e3 * statistics.median(totals[name]), "pooling_ms": 1e3 * statistics.median(inside[name])}
+            for name in runs}
 
 
 def parse_args(argv=None):
@@ -121,17 +176,27 @@ def main(argv=None):
         for name, base in baseline.items():
             rows.append({"contender": name, "batch_size": batch_size,
                          **paired_row(t, name, base, flops[name] / flops[base]), "tokens_after_each_layer": tokens[name]})
+        # where the pooling's own time goes, timed apart from the speed above (the pooled models in turn)
+        vit = sys.modules["hf_tokenpool.adapters.vit"]
+        where = {"official ToMe": (sys.modules["tome.patch.timm"], ["bipartite_soft_matching", "merge_wavg"]),
+                 **{f"hf_tokenpool {m}": (vit, ["pool_tokens"]) for m in ours}}
+        runs = {name: (lambda model=models[name]: model(pixel_values=pixels), *where[name]) for name in baseline}
+        split = pooling_times(runs, args.warmup, args.repeats)
+        for row in rows[-len(baseline):]:
+            row.update(split[row["contender"]])
     official_speedup = {r["batch_size"]: r["speedup"] for r in rows if r["contender"] == "official ToMe"}
     for r in rows:
         r["relative_to_official"] = r["speedup"] / official_speedup[r["batch_size"]]
     lines = [f"{args.shape} ({TIMM_MODELS[args.shape]} in timm), r = {args.r} per layer, {args.repeats} interleaved repeats, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}, timm {timm.__version__}", "",
-             "| contender | batch | speed-up (min-max) | ideal | share of ideal | vs official ToMe | images/s (plain) |",
-             "|---|---|---|---|---|---|---|"]
+             "| contender | batch | speed-up (min-max) | ideal | share of ideal | vs official ToMe | images/s (plain) "
+             "| pooling, ms of a forward |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['contender']} | {r['batch_size']} | {r['speedup']:.2f}x ({r['speedup_min']:.2f}-"
                      f"{r['speedup_max']:.2f}) | {r['ideal_speedup']:.2f}x | {100 * r['speedup_of_ideal']:.0f}% | "
-                     f"{r['relative_to_official']:.3f} | {r['images_per_s']:.1f} ({r['plain_images_per_s']:.1f}) |")
+                     f"{r['relative_to_official']:.3f} | {r['images_per_s']:.1f} ({r['plain_images_per_s']:.1f}) | "
+                     f"{r['pooling_ms']:.2f} of {r['forward_ms']:.1f} |")
     lines += ["", "Tokens after each layer: " + "; ".join(f"{n}: {t[:-1]}" for n, t in tokens.items())]
     print("\n".join(lines))
     if args.output_dir:

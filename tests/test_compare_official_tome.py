@@ -41,3 +41,38 @@ def test_same_schedule_and_paired_ratios_with_official_tome(tmp_path):
     for r in rows:
         assert r["speedup_min"] <= r["speedup"] <= r["speedup_max"] and 0.5 < r["flops_ratio"] < 0.7
     assert (tmp_path / "results.md").read_text().count("| hf_tokenpool tome | 2 |") == 1
+    for r in rows:  # both pool: some of each forward goes to choosing and merging the tokens
+        assert 0 < r["pooling_ms"] < r["forward_ms"]
+
+
+def test_timing_calls_counts_time_inside_the_named_functions_once_and_restores_them():
+    import time
+    import types
+
+    ns = types.SimpleNamespace()
+    ns.inner = lambda: time.sleep(0.02)
+    ns.outer = lambda: (time.sleep(0.02), ns.inner())  # a timed call that calls another timed one
+    originals = (ns.inner, ns.outer)
+    with compare.timing_calls(ns, ["inner", "outer"]) as spent:
+        ns.outer()
+        time.sleep(0.05)  # outside: not counted
+    assert 0.04 <= spent[0] < 0.07  # 40 ms inside outer (inner's 20 ms of it not added twice)
+    assert (ns.inner, ns.outer) == originals
+
+
+def test_pooling_times_split_a_patched_forward():
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    import hf_tokenpool as tp
+
+    vit = sys.modules["hf_tokenpool.adapters.vit"]
+    torch.manual_seed(0)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2, intermediate_size=64, image_size=32,
+                       patch_size=4)
+    model = tp.patch_model(ViTForImageClassification(config).eval(), keep=0.5)
+    x = torch.randn(2, 3, 32, 32)
+    original = vit.pool_tokens
+    split = compare.pooling_times({"m": (lambda: model(pixel_values=x), vit, ["pool_tokens"])}, warmup=1, repeats=3)
+    assert vit.pool_tokens is original
+    assert 0 < split["m"]["pooling_ms"] < split["m"]["forward_ms"]
