@@ -45,18 +45,24 @@ def test_same_schedule_and_paired_ratios_with_official_tome(tmp_path):
         assert 0 < r["pooling_ms"] < r["forward_ms"]
 
 
-def test_timing_calls_counts_time_inside_the_named_functions_once_and_restores_them():
-    import time
+def test_timing_calls_counts_time_inside_the_named_functions_once_and_restores_them(monkeypatch):
     import types
 
+    clock = [0.0]  # a fake clock: each function advances it by its own cost
+    monkeypatch.setattr(compare, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    def advance(seconds):
+        clock[0] += seconds
+
     ns = types.SimpleNamespace()
-    ns.inner = lambda: time.sleep(0.02)
-    ns.outer = lambda: (time.sleep(0.02), ns.inner())  # a timed call that calls another timed one
+    ns.inner = lambda: advance(2)
+    ns.outer = lambda: (advance(3), ns.inner())  # a timed call that calls another timed one
     originals = (ns.inner, ns.outer)
     with compare.timing_calls(ns, ["inner", "outer"]) as spent:
-        ns.outer()
-        time.sleep(0.05)  # outside: not counted
-    assert 0.04 <= spent[0] < 0.07  # 40 ms inside outer (inner's 20 ms of it not added twice)
+        ns.outer()  # 5 inside outer, inner's 2 of them not added twice
+        advance(100)  # outside every timed call
+        ns.inner()  # 2 more
+    assert spent[0] == 7
     assert (ns.inner, ns.outer) == originals
 
 
