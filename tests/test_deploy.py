@@ -182,6 +182,29 @@ def test_flops_match_arithmetic_of_a_small_vit():
     assert tp.count_flops(model, torch.zeros(1, 3, size, size)) == expected
 
 
+def test_time_interleaved_rotates_the_turn_and_pairs_rounds():
+    """Every round starts one model later (A B C, B C A, C A B, ...): each model follows every other equally
+    often; "seconds" holds one entry per timed round, in round order; training flags come back as they were."""
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, pixel_values):
+            calls.append(self.name)
+            return pixel_values
+
+    models = {name: Recorder(name) for name in "abc"}
+    models["a"].eval()  # a module starts in training mode: one of each
+    timed = tp.time_interleaved(models, torch.zeros(2, 3, 4, 4), warmup=1, repeats=4)
+    assert "".join(calls) == "abc" + "bca" + "cab" + "abc" + "bca"
+    assert {name: r["repeats"] for name, r in timed.items()} == {"a": 4, "b": 4, "c": 4}
+    assert all(len(r["seconds"]) == 4 and r["min"] <= r["images_per_second"] <= r["max"] for r in timed.values())
+    assert models["b"].training and not models["a"].training
+
+
 def test_peft_wrapped_model_is_accepted(pixels):
     peft = pytest.importorskip("peft")
     model = make("vit")
