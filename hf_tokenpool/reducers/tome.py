@@ -35,14 +35,13 @@ def _match_round(keys: torch.Tensor, r: int) -> torch.Tensor:
     best, match = (a @ bb.transpose(1, 2)).max(-1)  # [B, n_a]: each A token's best B partner
     order = stable_descending_order(best)  # ties go to the lower index
     n_kept = n_a - r
-    merged = torch.zeros(b, n_a, dtype=torch.long, device=keys.device)
-    kept = merged.scatter(1, order[:, :r], torch.ones_like(order[:, :r])) == 0
-    # kept A tokens take rows 0 .. n_kept - 1 in their original order; merged ones their B match's row
-    a_assign = torch.where(kept, kept.long().cumsum(-1) - 1, n_kept + match)
-    assign = torch.empty(b, n, dtype=torch.long, device=keys.device)
-    assign[:, ::2] = a_assign
-    assign[:, 1::2] = n_kept + torch.arange(n_b, device=keys.device)
-    return assign
+    kept = order[:, r:].sort(dim=-1).values  # the kept A tokens in their original order (distinct indices)
+    # kept A tokens take rows 0 .. n_kept - 1 in that order; merged ones their B match's row
+    a_assign = (n_kept + match).scatter(1, kept, torch.arange(n_kept, device=keys.device).expand(b, n_kept))
+    b_assign = n_kept + torch.arange(n_b, device=keys.device).expand(b, n_b)
+    # interleave back to the token order: A at even positions, B at odd ones (A has one more when n is odd)
+    pairs = torch.stack([a_assign[:, :n_b], b_assign], dim=2).view(b, 2 * n_b)
+    return pairs if n_a == n_b else torch.cat([pairs, a_assign[:, n_b:]], dim=1)
 
 
 def tome(tokens: torch.Tensor, sizes: torch.Tensor, k: int, signals: Signals) -> PoolResult:
