@@ -412,3 +412,7 @@ def test_explicit_attention_equals_a_plain_softmax(budget, bias_shape, monkeypat
     half, _, _ = vit.softmax_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), bias, 0.3, 0.0, needs)
     assert half.dtype == torch.bfloat16
     torch.testing.assert_close(half.float(), expected, atol=3e-2, rtol=3e-2)
+    # the class token's row alone (topk's signal next to SDPA): the same as row 0 of the full softmax
+    row = vit.class_token_attention(q, k, bias, 0.3)
+    torch.testing.assert_close(row, probs.detach()[:, :, 0].mean(1))
+    assert not row.requires_grad and row.shape == (b, n)
