@@ -47,7 +47,6 @@ from ..config import TokenPoolConfig
 from ..reducers import REDUCERS, Reducer, Signals
 
 
-
 @dataclass
 class PoolState:
     """Shared by all patched layers of one model. `sizes[i]`: [B, N] patches per token entering layer i
