@@ -75,25 +75,26 @@ def _output(out) -> torch.Tensor:
 def main(argv=None):
     args = parse_args(argv)
     sys.path.insert(0, str(HERE))
-    from benchmark import SHAPES, _recipe, paired_row  # noqa: E402 (sibling script)
+    from benchmark import SHAPES, _num_patches, _recipe, paired_row  # noqa: E402 (sibling script)
 
     if args.shape not in SHAPES:
         raise SystemExit(f"--shape {args.shape!r}: expected one of {sorted(SHAPES)}")
-    old = import_old(args.old)
     torch.manual_seed(0)
     plain = SHAPES[args.shape]().eval()
     size = plain.config.image_size if isinstance(plain.config.image_size, int) else plain.config.image_size[0]
-    patch = getattr(plain.config, "patch_size", 16)
-    patch = patch if isinstance(patch, int) else patch[0]
+    one = torch.randn(1, 3, size, size)
+    if tp.protected_tokens(plain) is None and not args.schedule.startswith("steps-"):
+        # as in benchmark.py: r-R and layer-K count one token sequence, which a Swin stage does not have
+        raise SystemExit(f"--schedule {args.schedule}: {args.shape} pools inside windows; use steps-K")
     try:
-        settings = _recipe("fidelity").schedule_settings(args.schedule, tp.num_layers(plain), (size // patch) ** 2)
+        settings = _recipe("fidelity").schedule_settings(args.schedule, tp.num_layers(plain), _num_patches(plain, one))
     except ValueError as err:
         raise SystemExit(f"--schedule: {err}") from None
+    old = import_old(args.old)
     models = {"plain": plain}
     for method in args.methods:
         models[f"old {method}"] = old.patch_model(copy.deepcopy(plain), method=method, **settings)
         models[f"new {method}"] = tp.patch_model(copy.deepcopy(plain), method=method, **settings)
-    one = torch.randn(1, 3, size, size)
     flops = {name: tp.count_flops(m, one) for name, m in models.items()}
     rows = []
     for batch_size in args.batch_sizes:

@@ -24,6 +24,12 @@ def test_bad_arguments_are_refused(argv, capsys):
     assert "error" in capsys.readouterr().err
 
 
+def test_a_per_layer_schedule_on_windowed_swin_is_refused(tmp_path):
+    """Swin pools inside windows: r-R would count a token sequence it does not have (and pooled nothing)."""
+    with pytest.raises(SystemExit, match="pools inside windows; use steps-K"):
+        versions.main(["--old", str(tmp_path), "--shape", "swin-t-224", "--schedule", "r-13", "--repeats", "1"])
+
+
 def test_this_checkout_against_itself_gives_the_same_outputs_and_paired_rows(tmp_path):
     """The same code imported twice: outputs equal, one row per version and batch size, the old package a
     separate copy (its own classes), and the tokens pooled at the schedule asked for."""
