@@ -118,14 +118,13 @@ def softmax_attention(q, k, v, bias, scaling: float, dropout: float, needs: froz
     """softmax(q k^T * scaling + bias) v, explicitly, plus the signals that need the probabilities:
     (output, probs or None, signals).
 
-    Computed as (e v) / z with e = exp(logits - rowmax) and z its row sums, so the [N, N] matrix is never
-    divided (only the [N, head_dim] output), and the significance (column sums of e / z over heads and
-    queries) is one vector-matrix product per head. The logits are updated in place and the work runs in
-    blocks of whole images or of query rows (`_BLOCK_ELEMENTS`) unless the probabilities themselves are
-    returned (`return_probs`, one block). At 1370 tokens (DINOv2-S/14 at 518 px, batch 8) query-row
-    blocks took tokenpool from 0.96x to 1.61x the plain model's speed, and this form with 4x larger row
-    blocks topk from 1.79x to 2.00x (docs/results.md, "Changes measured against the previous code"); at 196
-    tokens the model's speed did not measurably change.
+    One fused `torch.softmax` over the logits (in float32), then P v; the significance is P's column sums
+    over heads and queries. The work runs in blocks of whole images or of query rows (`_BLOCK_ELEMENTS`)
+    unless the probabilities themselves are returned (`return_probs`, one block). At 1370 tokens (DINOv2-S/14
+    at 518 px, batch 8) query-row blocks took tokenpool from 0.96x to 1.61x the plain model's speed
+    (docs/results.md, "Changes measured against the previous code"). The fused softmax replaced exp in place,
+    row sums and a rescaled (e v) / z: fewer operations per block (measured effect in docs/results.md, "The
+    significance attention as one fused softmax").
     Block sizes depend on shapes only, so the loops trace, compile and export like one block."""
     b, h, n, _ = q.shape
     per_image = h * n * n
@@ -141,22 +140,18 @@ def softmax_attention(q, k, v, bias, scaling: float, dropout: float, needs: froz
             logits = torch.matmul(qi[:, :, start:start + rows], ki.transpose(2, 3)).float()
             if bi is not None:
                 logits += bi[..., start:start + rows, :] if bi.shape[-2] > 1 else bi
-            logits -= logits.detach().amax(dim=-1, keepdim=True)  # a shift the softmax does not see
-            e = logits.exp_()
-            inv_z = 1 / e.sum(dim=-1, keepdim=True)
+            p = logits.softmax(dim=-1)
             # Signals come from the attention the model actually computes, before dropout; no gradient
             # flows through the choice of clusters.
-            if "significance" in needs:  # received: over heads and queries
-                part = torch.matmul(inv_z.detach().transpose(2, 3), e.detach()).sum(dim=(1, 2))
+            if "significance" in needs:  # received: over queries, then heads
+                part = p.detach().sum(dim=2).sum(dim=1)
                 received = part if received is None else received + part
             if "cls_attention" in needs and start == 0:
-                cls_attention.append((e.detach()[:, :, 0, :] * inv_z.detach()[:, :, 0]).mean(1))
+                cls_attention.append(p.detach()[:, :, 0].mean(1))
+            p = p.to(q.dtype)
             if return_probs:
-                probs = (e * inv_z).to(q.dtype)
-                image_outs.append(torch.matmul(F.dropout(probs, p=dropout, training=dropout > 0), vi))
-            else:  # dropout commutes with the per-row 1 / z
-                weighted = torch.matmul(F.dropout(e, p=dropout, training=dropout > 0).to(q.dtype), vi)
-                image_outs.append(weighted * inv_z.to(q.dtype))
+                probs = p
+            image_outs.append(torch.matmul(F.dropout(p, p=dropout, training=dropout > 0), vi))
         outs.append(image_outs[0] if len(image_outs) == 1 else torch.cat(image_outs, dim=2))
         significance.append(received)
     signals = Signals()
