@@ -140,18 +140,18 @@ def softmax_attention(q, k, v, bias, scaling: float, dropout: float, needs: froz
             logits = torch.matmul(qi[:, :, start:start + rows], ki.transpose(2, 3)).float()
             if bi is not None:
                 logits += bi[..., start:start + rows, :] if bi.shape[-2] > 1 else bi
-            p = logits.softmax(dim=-1)
+            attn = logits.softmax(dim=-1)
             # Signals come from the attention the model actually computes, before dropout; no gradient
             # flows through the choice of clusters.
             if "significance" in needs:  # received: over queries, then heads
-                part = p.detach().sum(dim=2).sum(dim=1)
+                part = attn.detach().sum(dim=2).sum(dim=1)
                 received = part if received is None else received + part
             if "cls_attention" in needs and start == 0:
-                cls_attention.append(p.detach()[:, :, 0].mean(1))
-            p = p.to(q.dtype)
+                cls_attention.append(attn.detach()[:, :, 0].mean(1))
+            attn = attn.to(q.dtype)
             if return_probs:
-                probs = p
-            image_outs.append(torch.matmul(F.dropout(p, p=dropout, training=dropout > 0), vi))
+                probs = attn
+            image_outs.append(torch.matmul(F.dropout(attn, p=dropout, training=dropout > 0), vi))
         outs.append(image_outs[0] if len(image_outs) == 1 else torch.cat(image_outs, dim=2))
         significance.append(received)
     signals = Signals()
