@@ -442,19 +442,25 @@ def keep_first(tokens, sizes, k, signals) -> PoolResult:
     return PoolResult(tokens[:, :k], sizes[:, :k], assign)
 
 
-def floor_model(model, options):
+def floor_model(model, options, signals=frozenset()):
     """The model at a schedule's token counts with no reducer at all: patched as `tome` (SDPA everywhere),
     then every pooling layer's reducer swapped for `keep_first`, which needs no attention signals; no
     proportional attention. Its speed-up is the most any method could reach at that schedule on this machine
     (the rest is matrix products running on fewer rows), so a method's speed-up / the floor's is the share
     of what was reachable. Swin uses only the assignment: each window's first k-1 tokens stay alone and the
     rest form one cluster, then the block pools, computes and unpools as for every method, so Swin's floor
-    is the cost of that design with nothing spent on choosing the clusters."""
-    pooled = tp.patch_model(copy.deepcopy(model), method="tome", proportional_attention=False, **options)
+    is the cost of that design with nothing spent on choosing the clusters.
+
+    signals={"significance"}: the same, but the attention also computes the significance (patched as
+    `tokenpool`, explicit softmax) that `keep_first` then ignores: the floor of the methods that need it, so
+    that a method's distance to `tome` splits into its attention and its reducer."""
+    signals = frozenset(signals)
+    method = "tokenpool" if "significance" in signals else "tome"
+    pooled = tp.patch_model(copy.deepcopy(model), method=method, proportional_attention=False, **options)
     for module in pooled.modules():
         plan = module.__dict__.get("_tokenpool")
         if plan is not None and hasattr(plan, "reducer"):
-            plan.reducer = Reducer(keep_first, frozenset())
+            plan.reducer = Reducer(keep_first, signals)
     return pooled
 
 

@@ -19,6 +19,12 @@ milliseconds per forward spent choosing and merging the tokens (official ToMe: `
 `merge_wavg`; hf_tokenpool: `pool_tokens`, which splits off the protected tokens, runs the reducer and joins
 them again), medians over `--repeats` forwards. The rest of a pooled forward is the model itself on fewer
 tokens, plus, for methods that need the attention probabilities, the explicit softmax.
+
+With --floors, two more transformers contenders at the same token counts, neither choosing tokens (each layer
+keeps its first k, see benchmark.floor_model): `floor` runs SDPA, `floor + significance` also computes the
+attention each token receives and ignores it. A method that needs that signal (`tokenpool`, `kmeans`) loses
+floor -> floor + significance to its attention and floor + significance -> itself to its reducer, all timed
+in the same interleaved rounds.
 """
 
 from __future__ import annotations
@@ -105,13 +111,16 @@ def timing_calls(module, names: list[str]):
 @torch.no_grad()
 def pooling_times(runs: dict, warmup: int, repeats: int) -> dict[str, dict]:
     """runs: {name: (run, module, function names)}. Runs each `run()` in turn, `repeats` rounds, with the named
-    module-level functions timed; returns {name: {"forward_ms", "pooling_ms"}}, medians per forward."""
+    module-level functions timed; returns {name: {"forward_ms", "pooling_ms"}}, medians per forward. The turn
+    rotates from round to round, as in `time_interleaved` (a fixed order biases the timings by ~2%)."""
     for run, _, _ in runs.values():
         for _ in range(warmup):
             run()
     totals, inside = {name: [] for name in runs}, {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, (run, module, names) in runs.items():
+    order = list(runs)
+    for i in range(repeats):
+        for name in order[i % len(order):] + order[:i % len(order)]:
+            run, module, names = runs[name]
             with timing_calls(module, names) as spent:
                 start = time.perf_counter()
                 run()
@@ -130,6 +139,10 @@ def parse_args(argv=None):
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[8, 1])
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--floors", action="store_true",
+                   help="also time transformers' model at the same token counts with no reducer (`floor`: SDPA, each "
+                        "layer keeps its first tokens) and with no reducer but the significance attention "
+                        "(`floor + significance`): how a method's distance to `tome` splits into attention and reducer")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--output_dir", type=Path, default=None, help="write results.json and results.md here")
     args = p.parse_args(argv)
@@ -144,7 +157,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     sys.path.insert(0, str(HERE))
-    from benchmark import SHAPES, _recipe, paired_row, tokens_per_layer  # noqa: E402 (sibling script)
+    from benchmark import SHAPES, _recipe, floor_model, paired_row, tokens_per_layer  # noqa: E402 (sibling script)
 
     torch.manual_seed(0)
     timm_plain = timm.create_model(TIMM_MODELS[args.shape], pretrained=False).eval()
@@ -159,6 +172,9 @@ def main(argv=None):
     ours = {m: tp.patch_model(SHAPES[args.shape]().eval(), method=m, **schedule) for m in args.methods}
     for m in ours.values():
         m.load_state_dict(hf_plain.state_dict())
+    if args.floors:
+        ours["floor"] = floor_model(hf_plain, schedule)
+        ours["floor + significance"] = floor_model(hf_plain, schedule, signals={"significance"})
 
     models = {"timm plain": PixelValues(timm_plain), "official ToMe": PixelValues(official), "HF plain": hf_plain,
               **{f"hf_tokenpool {m}": model for m, model in ours.items()}}

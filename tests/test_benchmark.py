@@ -103,6 +103,36 @@ def test_floor_rows_have_the_schedules_token_counts_and_no_reducer(tiny_checkpoi
     assert not model.config.token_pooling["proportional_attention"]
 
 
+def test_floor_with_the_significance_attention_computes_the_same_model(tiny_checkpoint):
+    """The second floor spends the explicit attention (its reducer asks for the significance and ignores it):
+    the same tokens and the same logits as the plain floor, which runs SDPA."""
+    import torch
+    from transformers import ViTForImageClassification
+
+    plain = ViTForImageClassification.from_pretrained(tiny_checkpoint).eval()
+    floor = benchmark.floor_model(plain, {"keep": 0.5})
+    with_attention = benchmark.floor_model(plain, {"keep": 0.5}, signals={"significance"})
+    plans = [layer._tokenpool for layer in benchmark.tp.ADAPTERS["vit"].layers(with_attention)]
+    assert all(p.reducer.fn is benchmark.keep_first and p.reducer.needs == {"significance"} for p in plans)
+    seen = []
+    original = benchmark.keep_first
+    pixels = torch.randn(2, 3, 32, 32)
+    try:  # the reducer really receives the significance: one weight per token it pools
+        for p in plans:
+            p.reducer = benchmark.Reducer(lambda t, s, k, g: (seen.append((g.significance, t.shape[:2])), original(t, s, k, g))[1],
+                                          p.reducer.needs)
+        with torch.no_grad():
+            out = with_attention(pixel_values=pixels).logits
+    finally:
+        for p in plans:
+            p.reducer = benchmark.Reducer(original, p.reducer.needs)
+    assert seen and all(s is not None and s.shape == shape and bool((s > 0).all()) for s, shape in seen)
+    with torch.no_grad():
+        torch.testing.assert_close(out, floor(pixel_values=pixels).logits, atol=1e-5, rtol=1e-5)
+    one = pixels[:1]
+    assert benchmark.tokens_per_layer(with_attention, one) == benchmark.tokens_per_layer(floor, one)
+
+
 def test_compiled_rows_time_compiled_plain_against_compiled_pooled(tiny_checkpoint, tmp_path):
     rows = benchmark.main(["--suite", "none", "--model_name_or_path", tiny_checkpoint, "--methods", "tokenpool",
                            "--keeps", "0.5", "--target_flops", "--floor", "--compile", "--batch_sizes", "2",
