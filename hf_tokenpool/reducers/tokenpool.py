@@ -8,14 +8,13 @@ significant ones: that start is what makes it more faithful than ToMe (docs/fide
 
 Cost. The distances are one [N, D] x [D, N] product per image, with D the clustering features: the
 hidden states while N <= C, else the head-averaged attention keys (metric="auto"; ToMe's metric,
-64-d for ViT-B instead of 768-d). Only the N - k tokens that are not medoids are ever assigned, so the
-assignment reads their N - k rows of the distances, and an update round is one masked [N - k, N] reduction
-over the same rows, or, with more tokens than features (long sequences, clustered on keys), none: for
-squared Euclidean distances the cost of making member m its cluster's medoid is
+64-d for ViT-B instead of 768-d). An update round is one masked [N, N] reduction, or, with more tokens
+than features (long sequences, clustered on keys), none: for squared Euclidean distances the cost of
+making member m its cluster's medoid is
 sum_{j in c} w_j |x_j - x_m|^2 = sum_{j in c} w_j |x_j - mu_c|^2 + W_c |x_m - mu_c|^2 (mu_c the cluster's
 weighted mean, W_c its weight), so the new medoid is the member nearest to mu_c: O(N D). Each
 cluster's best member is a scatter-min, O(N), then the assignment to the new medoids (a row minimum
-over the N - k others' rows).
+over the medoids' columns).
 
 Deployability. A fixed number of rounds, no early exit and no data-dependent Python branch: nothing
 in here synchronises with the host, so it compiles without graph breaks, exports (torch.export,
@@ -101,32 +100,23 @@ def pairwise_sq_dist(x: torch.Tensor) -> torch.Tensor:
     return gram.mul_(-2).add_(sq.unsqueeze(2)).add_(sq.unsqueeze(1)).clamp_min_(0)
 
 
-def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """x[b, index[b, i]] for [B, N, M] x and [B, R] index: one index_select over the flattened rows (a gather
-    with an expanded index is several times slower on CPU)."""
-    b, n, m = x.shape
-    flat = (index + torch.arange(0, b * n, n, device=index.device).unsqueeze(1)).reshape(-1)
-    return x.reshape(b * n, m).index_select(0, flat).view(b, index.shape[1], m)
+def _nearest(dist: torch.Tensor, medoids: torch.Tensor) -> torch.Tensor:
+    """Assign every token to its nearest medoid (the lowest token index on ties); each medoid is forced
+    into its own cluster.
 
-
-def _nearest(dist: torch.Tensor, medoids: torch.Tensor, others: torch.Tensor):
-    """(assign [B, N], others' distance rows [B, N - k, N]): each medoid in its own cluster, every other
-    token in its nearest medoid's (the lowest token index on ties).
-
-    Only the N - k other tokens' rows are read (13 of 196 at ToMe's r = 13): a row minimum over all N
-    columns with +inf added at the tokens that are not medoids, then a token index is mapped to its
-    cluster. Forcing each medoid into its own cluster matters when two medoids are at distance 0 from each
-    other (duplicate tokens): a row minimum would give both to the first, leaving an empty cluster and an
-    output row standing for nothing. Returns the rows for the update round.
+    The row minimum runs over all N columns with +inf added at the tokens that are not medoids, then a
+    token index is mapped to its cluster: cheaper than gathering the [B, N, k] distances to the medoids.
+    Forcing matters only when two medoids are at distance 0 from each other (duplicate tokens): the
+    minimum would give both to the first, leaving an empty cluster and an output row standing for
+    nothing. Medoids are always distinct tokens, so the forced entries never conflict.
     """
     b, n, _ = dist.shape
     k = medoids.shape[1]
     clusters = torch.arange(k, device=dist.device).expand(b, k)
     off = dist.new_full((b, 1, n), float("inf")).scatter_(2, medoids.unsqueeze(1), 0.0)
-    rows = _rows(dist, others)
-    nearest = (rows + off).min(-1).indices  # the first minimum, as argmin (and faster on CPU)
-    cluster_of = torch.empty(b, n, dtype=torch.long, device=dist.device).scatter_(1, medoids, clusters)
-    return cluster_of.scatter(1, others, cluster_of.gather(1, nearest)), rows
+    nearest = (dist + off).min(-1).indices  # the first minimum, as argmin (and faster on CPU)
+    cluster_of = torch.zeros(b, n, dtype=torch.long, device=dist.device).scatter_(1, medoids, clusters)
+    return cluster_of.gather(1, nearest).scatter_(1, medoids, clusters)
 
 
 def merge_costs(dist: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -154,37 +144,28 @@ def kmedoids(x: torch.Tensor, dist: torch.Tensor, w: torch.Tensor, k: int, itera
     (medoids [B, k], assign [B, N]).
 
     Started from the k tokens with the largest merge costs (init="merge_cost") or the k heaviest
-    ("significance"); each round moves each medoid to the member m with the lowest cost
-    sum_{j in cluster} w_j D[j, m], then assigns every token to its nearest medoid. Only the N - k tokens
-    that are not medoids are ever assigned, and only clusters with such members can move, so a round reads
-    the others' distance rows: while N <= D the cost is the medoid's own term w_c D[c, m] plus a masked sum
-    over those rows ([B, N - k, N] instead of [B, N, N]); with more tokens than features, the member
-    nearest to the cluster's weighted mean (module docstring), O(N D). Both equal the dense cost's choice
-    up to float rounding.
+    ("significance"); each round assigns every token to its nearest medoid, then moves each medoid to
+    the member m with the lowest cost sum_{j in cluster} w_j D[j, m]. That cost is a masked column sum
+    of the weighted distances while N <= D; with more tokens than features, the member nearest to the
+    cluster's weighted mean (module docstring), O(N D) instead of O(N^2). Both equal the dense cost's
+    choice up to float rounding.
     """
-    b, n, d = x.shape
+    n, d = x.shape[1:]
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
-    order = stable_descending_order(w if init == "significance" else merge_costs(dist, w))
-    medoids, others = order[:, :k], order[:, k:]
-    assign, rows = _nearest(dist, medoids, others)
+    medoids = heaviest(w, k) if init == "significance" else stable_descending_order(merge_costs(dist, w))[:, :k]
+    assign = _nearest(dist, medoids)
+    dense = n <= d
+    weighted = w.unsqueeze(2) * dist if dense and iterations else None  # [B, j, m] = w_j D[j, m], once
     for _ in range(iterations):
-        cluster_of_others = assign.gather(1, others)  # [B, N - k]
-        if n <= d:
-            same = cluster_of_others.unsqueeze(2) == assign.unsqueeze(1)  # [B, o, m]: o is in m's cluster
-            cost = torch.where(same, rows * w.gather(1, others).unsqueeze(2), dist.new_tensor(0.0)).sum(1)
-            own = medoids.gather(1, assign)  # [B, m]: the medoid of m's cluster, the one member not summed above
-            own_dist = dist.view(b, n * n).gather(1, own * n + torch.arange(n, device=dist.device))
-            cost = cost + w.gather(1, own) * own_dist  # [B, m]
+        if dense:
+            same = assign.unsqueeze(2) == assign.unsqueeze(1)  # [B, j, m]: j and m share a cluster
+            cost = torch.where(same, weighted, dist.new_tensor(0.0)).sum(1)  # [B, m]
         else:
             means = weighted_mean(x, w, assign, k)  # [B, k, D]
-            cost = (x - _rows(means, assign)).square().sum(-1)  # W_c |x_m - mu_c|^2 / W_c + const
-        moved = cluster_argmin(cost, assign, k)
-        # a member that became its cluster's medoid changes places with the old one among the others
-        promoted = moved.gather(1, cluster_of_others) == others
-        others = torch.where(promoted, medoids.gather(1, cluster_of_others), others)
-        medoids = moved
-        assign, rows = _nearest(dist, medoids, others)
+            cost = (x - means.gather(1, assign.unsqueeze(-1).expand_as(x))).square().sum(-1)  # W_c |x_m - mu_c|^2 / W_c
+        medoids = cluster_argmin(cost, assign, k)
+        assign = _nearest(dist, medoids)
     return medoids, assign
 
 
