@@ -25,11 +25,18 @@ keeps its first k, see benchmark.floor_model): `floor` runs SDPA, `floor + signi
 attention each token receives and ignores it. A method that needs that signal (`tokenpool`, `kmeans`) loses
 floor -> floor + significance to its attention and floor + significance -> itself to its reducer, all timed
 in the same interleaved rounds.
+
+With --equal_flops, the comparison a user makes when choosing a setting rather than a reducer: each method
+also on hf_tokenpool's default schedule (three pooling steps) at the keep that costs official ToMe's FLOPs ratio
+at r = R (`target_flops`), and official ToMe at those three steps too (`model.r` as a per-layer list, the
+tokens our `tome` removes there; checked). Their fidelity at the same settings is recipes/fidelity.py's
+(`--official_tome`, schedules `r-R` and `flops-F`), on checkpoints converted to timm by `timm_twin`.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -67,6 +74,53 @@ class PixelValues(nn.Module):
 
     def forward(self, pixel_values):
         return self.model(pixel_values)
+
+
+@torch.no_grad()
+def timm_twin(model: nn.Module, timm) -> nn.Module:
+    """timm's VisionTransformer (or its distilled DeiT) with the weights of a transformers ViT / DeiT classifier:
+    the model official ToMe patches, computing the same logits (checked by the caller). Plain ViTs with a class
+    token only (no pooler, GELU); anything else is refused."""
+    from functools import partial
+
+    cfg, name = model.config, type(model).__name__
+    if name not in ("ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher"):
+        raise ValueError(f"official ToMe runs on timm's ViT / DeiT: a ViTForImageClassification or "
+                         f"DeiTForImageClassification[WithTeacher] can be converted, got {name}")
+    if cfg.hidden_act != "gelu":
+        raise ValueError(f"timm's ViT uses the exact GELU; this model's hidden_act is {cfg.hidden_act!r}")
+    distilled = name.endswith("WithTeacher")
+    base = getattr(model, model.base_model_prefix)
+    cls = timm.models.deit.VisionTransformerDistilled if distilled else timm.models.vision_transformer.VisionTransformer
+    twin = cls(img_size=cfg.image_size, patch_size=cfg.patch_size, in_chans=cfg.num_channels,
+               num_classes=cfg.num_labels, embed_dim=cfg.hidden_size, depth=cfg.num_hidden_layers,
+               num_heads=cfg.num_attention_heads, mlp_ratio=cfg.intermediate_size / cfg.hidden_size,
+               qkv_bias=cfg.qkv_bias, norm_layer=partial(nn.LayerNorm, eps=cfg.layer_norm_eps)).eval()
+    emb = base.embeddings
+    state = {"cls_token": emb.cls_token, "pos_embed": emb.position_embeddings,
+             "patch_embed.proj.weight": emb.patch_embeddings.projection.weight,
+             "patch_embed.proj.bias": emb.patch_embeddings.projection.bias,
+             "norm.weight": base.layernorm.weight, "norm.bias": base.layernorm.bias}
+    if distilled:
+        state |= {"dist_token": emb.distillation_token,
+                  "head.weight": model.cls_classifier.weight, "head.bias": model.cls_classifier.bias,
+                  "head_dist.weight": model.distillation_classifier.weight,
+                  "head_dist.bias": model.distillation_classifier.bias}
+    else:
+        state |= {"head.weight": model.classifier.weight, "head.bias": model.classifier.bias}
+    for i, layer in enumerate(base.layers):
+        a = layer.attention
+        state |= {f"blocks.{i}.norm1.weight": layer.layernorm_before.weight,
+                  f"blocks.{i}.norm1.bias": layer.layernorm_before.bias,
+                  f"blocks.{i}.attn.qkv.weight": torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+                  f"blocks.{i}.attn.qkv.bias": torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]),
+                  f"blocks.{i}.attn.proj.weight": a.o_proj.weight, f"blocks.{i}.attn.proj.bias": a.o_proj.bias,
+                  f"blocks.{i}.norm2.weight": layer.layernorm_after.weight,
+                  f"blocks.{i}.norm2.bias": layer.layernorm_after.bias,
+                  f"blocks.{i}.mlp.fc1.weight": layer.mlp.fc1.weight, f"blocks.{i}.mlp.fc1.bias": layer.mlp.fc1.bias,
+                  f"blocks.{i}.mlp.fc2.weight": layer.mlp.fc2.weight, f"blocks.{i}.mlp.fc2.bias": layer.mlp.fc2.bias}
+    twin.load_state_dict({k: v.detach().clone() for k, v in state.items()})  # strict: every weight, once
+    return twin
 
 
 @torch.no_grad()
@@ -143,6 +197,9 @@ def parse_args(argv=None):
                    help="also time transformers' model at the same token counts with no reducer (`floor`: SDPA, each "
                         "layer keeps its first tokens) and with no reducer but the significance attention "
                         "(`floor + significance`): how a method's distance to `tome` splits into attention and reducer")
+    p.add_argument("--equal_flops", action="store_true",
+                   help="also time every method on hf_tokenpool's default three-step schedule at official ToMe's "
+                        "FLOPs ratio (`target_flops`), and official ToMe at those three steps (`model.r` as a list)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     p.add_argument("--output_dir", type=Path, default=None, help="write results.json and results.md here")
     args = p.parse_args(argv)
@@ -175,14 +232,34 @@ def main(argv=None):
     if args.floors:
         ours["floor"] = floor_model(hf_plain, schedule)
         ours["floor + significance"] = floor_model(hf_plain, schedule, signals={"significance"})
-
-    models = {"timm plain": PixelValues(timm_plain), "official ToMe": PixelValues(official), "HF plain": hf_plain,
-              **{f"hf_tokenpool {m}": model for m, model in ours.items()}}
-    baseline = {"official ToMe": "timm plain", **{f"hf_tokenpool {m}": "HF plain" for m in ours}}
+    officials = {"official ToMe": official}
     one = torch.randn(1, 3, 224, 224)
+    if args.equal_flops:
+        # every method on the default three steps at official ToMe's FLOPs, and official ToMe at our `tome`'s
+        # three-step tokens (model.r as a list: the tokens each layer removes)
+        target = tp.count_flops(PixelValues(official), one) / tp.count_flops(PixelValues(timm_plain), one)
+        for m in args.methods:
+            ours[f"{m}, three steps"] = tp.patch_model(SHAPES[args.shape]().eval(), method=m, target_flops=target)
+            ours[f"{m}, three steps"].load_state_dict(hf_plain.state_dict())
+        steps = ours.get("tome, three steps")
+        if steps is None:
+            steps = tp.patch_model(copy.deepcopy(hf_plain), method="tome", target_flops=target)
+        entering = tokens_per_layer(steps, one)
+        three = timm.create_model(TIMM_MODELS[args.shape], pretrained=False).eval()
+        three.load_state_dict(timm_plain.state_dict())
+        tome.patch.timm(three)
+        three.r = [a - b for a, b in zip(entering, entering[1:])] + [0]
+        officials["official ToMe, three steps"] = three
+
+    models = {"timm plain": PixelValues(timm_plain), **{n: PixelValues(m) for n, m in officials.items()},
+              "HF plain": hf_plain, **{f"hf_tokenpool {m}": model for m, model in ours.items()}}
+    baseline = {**{n: "timm plain" for n in officials}, **{f"hf_tokenpool {m}": "HF plain" for m in ours}}
     flops = {name: tp.count_flops(m, one) for name, m in models.items()}
-    tokens = {"official ToMe": tokens_entering(official.blocks, lambda: official(one)),
+    tokens = {**{n: tokens_entering(m.blocks, lambda m=m: m(one)) for n, m in officials.items()},
               **{f"hf_tokenpool {m}": tokens_per_layer(model, one) for m, model in ours.items()}}
+    if args.equal_flops and tokens["official ToMe, three steps"] != entering:
+        raise RuntimeError(f"official ToMe did not follow the three-step tokens {entering}: "
+                           f"{tokens['official ToMe, three steps']}")
     # counts after each layer's reduction (both pool between attention and MLP, so layer i's MLP runs on them)
     tokens = {name: t[1:] + [None] for name, t in tokens.items()}
     rows = []
@@ -194,7 +271,7 @@ def main(argv=None):
                          **paired_row(t, name, base, flops[name] / flops[base]), "tokens_after_each_layer": tokens[name]})
         # where the pooling's own time goes, timed apart from the speed above (the pooled models in turn)
         vit = sys.modules["hf_tokenpool.adapters.vit"]
-        where = {"official ToMe": (sys.modules["tome.patch.timm"], ["bipartite_soft_matching", "merge_wavg"]),
+        where = {**{n: (sys.modules["tome.patch.timm"], ["bipartite_soft_matching", "merge_wavg"]) for n in officials},
                  **{f"hf_tokenpool {m}": (vit, ["pool_tokens"]) for m in ours}}
         runs = {name: (lambda model=models[name]: model(pixel_values=pixels), *where[name]) for name in baseline}
         split = pooling_times(runs, args.warmup, args.repeats)

@@ -14,6 +14,10 @@ Schedules (--schedules), each one TokenPoolConfig:
               for Swin: keep=K, every block computing on K of each window's tokens
     layer-K   pooling in every layer keeping K, e.g. layer-0.75
     r-R       ToMe's schedule: R fewer patch tokens in every layer, e.g. r-8 (64 -> 56 -> ... -> 16)
+    flops-F   the default three steps at the keep that costs F of the plain model's FLOPs (target_flops=F)
+With --official_tome, the official ToMe code (facebookresearch/ToMe on timm; not a dependency) runs every
+schedule too, on a timm copy of each checkpoint (recipes/compare_official_tome.py, `timm_twin`; the logits
+are checked equal) with `model.r` set to the patch tokens our `tome` removes in each layer: the same tokens.
 Ablation variants (--variants, tokenpool only) change one thing of the default algorithm each; see
 docs/fidelity.md for what was measured and what was kept.
 """
@@ -69,6 +73,8 @@ def parse_args(argv=None):
                         "(--model_name_or_path, one) instead of running the schedules")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="TokenPoolConfig setting for every method row (JSON value), e.g. pool_location=after_layer")
+    p.add_argument("--official_tome", action="store_true",
+                   help="also run the official ToMe code at every schedule (needs timm and ToMe installed)")
     p.add_argument("--dataset_name", default="fashion_mnist")
     p.add_argument("--eval_samples", type=int, default=None, help="default: the whole test split")
     p.add_argument("--batch_size", type=int, default=500)
@@ -78,7 +84,12 @@ def parse_args(argv=None):
     if args.finetuned and len(args.model_name_or_path) != 1:
         p.error("--finetuned compares with one plain model: give exactly one --model_name_or_path")
     for s in args.schedules:
-        schedule_settings(s, 6)  # fails early on a malformed name
+        try:  # fails early on a malformed name or value
+            tp.TokenPoolConfig(**schedule_settings(s, 6))
+        except ValueError as err:
+            p.error(f"--schedules: {err}")
+    if args.official_tome and args.finetuned:
+        p.error("--official_tome runs the schedules; it does not apply to --finetuned models")
     args.options = {}
     for item in args.option:
         key, sep, value = item.partition("=")
@@ -101,9 +112,11 @@ def schedule_settings(name: str, num_layers: int, num_patches: int = 64) -> dict
     try:
         number = float(value)
     except ValueError:
-        raise ValueError(f"schedule {name!r}: expected steps-K, layer-K or r-R") from None
+        raise ValueError(f"schedule {name!r}: expected steps-K, layer-K, r-R or flops-F") from None
     if kind == "steps":
         return {"keep": number}
+    if kind == "flops":
+        return {"target_flops": number}
     if kind == "layer":
         return {"schedule": [number] * num_layers}
     if kind == "r":
@@ -113,13 +126,14 @@ def schedule_settings(name: str, num_layers: int, num_patches: int = 64) -> dict
             keeps.append(left / n)
             n = left
         return {"schedule": keeps}
-    raise ValueError(f"schedule {name!r}: expected steps-K, layer-K or r-R")
+    raise ValueError(f"schedule {name!r}: expected steps-K, layer-K, r-R or flops-F")
 
 
 @torch.no_grad()
 def logits_of(model, pixels, batch_size) -> torch.Tensor:
-    return torch.cat([model(pixel_values=pixels[i : i + batch_size]).logits.float()
-                      for i in range(0, len(pixels), batch_size)])
+    """Logits of a transformers classifier, or of a model that returns them as a tensor (timm's)."""
+    outs = [model(pixel_values=pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
+    return torch.cat([getattr(out, "logits", out).float() for out in outs])
 
 
 def compare(plain: torch.Tensor, pooled: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -211,10 +225,62 @@ def rows_for_model(path: str, args) -> list[dict]:
                     tp.unpatch_model(model)
                 undo()
             rows.append(row)
-            print(f"{name} {schedule:>11} {method:>9} {variant or '':>16}  agree {row['agreement']:.2f} "
-                  f"± {row['agreement_se']:.2f}  KL {row['kl']:.5f}  top-1 {row['top1']:.2f}  "
-                  f"FLOPs {row['flops_ratio']:.3f}  ({seconds:.0f}s)", flush=True)
+            say(row)
+        if args.official_tome and (row := official_tome_row(model, settings, pixels, labels, plain, args)):
+            rows.append({"model": name, "schedule": schedule, **row})
+            say(rows[-1])
     return rows
+
+
+def say(row: dict) -> None:
+    print(f"{row['model']} {row['schedule']:>11} {row['method']:>13} {row['variant'] or '':>16}  agree "
+          f"{row['agreement']:.2f} ± {row['agreement_se']:.2f}  KL {row['kl']:.5f}  top-1 {row['top1']:.2f}  "
+          f"FLOPs {row['flops_ratio']:.3f}  ({row['seconds']:.0f}s)", flush=True)
+
+
+def official_tome_row(model, settings: dict, pixels, labels, plain: torch.Tensor, args) -> dict | None:
+    """Official ToMe on a timm copy of `model`, removing in each layer the patch tokens our `tome` removes at
+    `settings`; None (said) where it cannot: a model timm_twin does not convert, or a step that merges more than
+    half a layer's tokens (ToMe's matching cannot)."""
+    compare_official_tome = _sibling("compare_official_tome")
+    timm, tome = compare_official_tome._import_contender()
+    try:
+        twin = compare_official_tome.timm_twin(model, timm)
+    except ValueError as err:
+        print(f"official ToMe skipped: {err}", flush=True)
+        return None
+    one = pixels[:1]
+    tp.patch_model(model, method="tome", **settings)
+    try:
+        ours = tokens_after_layers(model, one)
+    finally:
+        tp.unpatch_model(model)
+    plain_twin = compare_official_tome.PixelValues(compare_official_tome.timm_twin(model, timm))
+    same = (logits_of(plain_twin, pixels[: args.batch_size], args.batch_size) - plain[: args.batch_size]).abs().max()
+    if same > 1e-4:
+        raise RuntimeError(f"the timm copy's logits differ from the model's by {same:.2e}")
+    tome.patch.timm(twin)
+    start = compare_official_tome.tokens_entering(twin.blocks, lambda: twin(one))[0] - tp.protected_tokens(model)
+    twin.r = [a - b for a, b in zip([start, *ours[:-1]], ours)]
+    entering = compare_official_tome.tokens_entering([*twin.blocks, twin.norm], lambda: twin(one))
+    official = [n - tp.protected_tokens(model) for n in entering[1:]]
+    if official != ours:
+        print(f"official ToMe cannot follow {ours} (it gives {official}): skipped", flush=True)
+        return None
+    wrapped = compare_official_tome.PixelValues(twin)
+    started = time.perf_counter()
+    pooled = logits_of(wrapped, pixels, args.batch_size)
+    return {"method": "official ToMe", "variant": None, "options": {"r": twin.r}, "tokens": official,
+            "flops_ratio": tp.count_flops(wrapped, one) / tp.count_flops(plain_twin, one),
+            "seconds": round(time.perf_counter() - started, 1), **compare(plain, pooled, labels)}
+
+
+def _sibling(name: str):
+    """A sibling script of this one (recipes/<name>.py), imported as a module."""
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    return __import__(name)
 
 
 def label(r) -> str:
@@ -264,6 +330,8 @@ def plot(rows, out: Path):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.official_tome:
+        _sibling("compare_official_tome")._import_contender()  # says what to install before any work
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     rows = []

@@ -82,3 +82,53 @@ def test_pooling_times_split_a_patched_forward():
     split = compare.pooling_times({"m": (lambda: model(pixel_values=x), vit, ["pool_tokens"])}, warmup=1, repeats=3)
     assert vit.pool_tokens is original
     assert 0 < split["m"]["pooling_ms"] < split["m"]["forward_ms"]
+
+
+def _tiny(kind: str, **overrides):
+    import torch
+    from transformers import (DeiTConfig, DeiTForImageClassificationWithTeacher, SwinConfig,
+                              SwinForImageClassification, ViTConfig, ViTForImageClassification)
+
+    torch.manual_seed(0)
+    shape = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=3, intermediate_size=96, image_size=32,
+                 patch_size=8, num_labels=5, **overrides)
+    if kind == "vit":
+        return ViTForImageClassification(ViTConfig(**shape)).eval()
+    if kind == "deit":
+        return DeiTForImageClassificationWithTeacher(DeiTConfig(**shape)).eval()
+    return SwinForImageClassification(SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                                                 num_heads=[1, 2], window_size=4, num_labels=5)).eval()
+
+
+def test_timm_twin_refuses_what_it_cannot_convert():
+    with pytest.raises(ValueError, match="ViTForImageClassification or DeiTForImageClassification"):
+        compare.timm_twin(_tiny("swin"), None)
+    with pytest.raises(ValueError, match="hidden_act is 'relu'"):
+        compare.timm_twin(_tiny("vit", hidden_act="relu"), None)
+
+
+@pytest.mark.parametrize("kind", ["vit", "deit"])
+def test_timm_twin_computes_the_same_logits(kind):
+    """The timm copy official ToMe patches must be the same model: same logits, class (and distillation) token."""
+    import torch
+
+    timm = pytest.importorskip("timm")
+    model = _tiny(kind)
+    twin = compare.timm_twin(model, timm)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(x), model(pixel_values=x).logits, atol=1e-5, rtol=1e-5)
+    assert twin.num_prefix_tokens == (2 if kind == "deit" else 1)
+
+
+def test_equal_flops_times_three_steps_at_official_tomes_flops():
+    pytest.importorskip("timm")
+    pytest.importorskip("tome")
+    rows = compare.main(["--methods", "tome", "tokenpool", "--equal_flops", "--batch_sizes", "2", "--repeats", "1",
+                         "--warmup", "0"])
+    by_name = {r["contender"]: r for r in rows}
+    official, steps = by_name["official ToMe, three steps"], by_name["hf_tokenpool tome, three steps"]
+    assert official["tokens_after_each_layer"] == steps["tokens_after_each_layer"]
+    assert len(set(steps["tokens_after_each_layer"][:-1])) == 4  # the plain count, then three steps
+    for name in ("hf_tokenpool tome, three steps", "hf_tokenpool tokenpool, three steps", "official ToMe, three steps"):
+        assert by_name[name]["flops_ratio"] == pytest.approx(by_name["official ToMe"]["flops_ratio"], abs=0.01)

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,8 +40,42 @@ def test_schedule_names():
     assert fidelity.schedule_settings("layer-0.75", 3) == {"schedule": [0.75] * 3}
     keeps = fidelity.schedule_settings("r-8", 6, num_patches=64)["schedule"]
     assert tp.TokenPoolConfig.num_tokens(64, keeps) == [56, 48, 40, 32, 24, 16]
-    with pytest.raises(ValueError, match="expected steps-K, layer-K or r-R"):
+    assert fidelity.schedule_settings("flops-0.6", 6) == {"target_flops": 0.6}
+    with pytest.raises(ValueError, match="expected steps-K, layer-K, r-R or flops-F"):
         fidelity.schedule_settings("every-0.5", 6)
+
+
+@pytest.mark.parametrize("argv", [["--schedules", "flops-1.5"], ["--schedules", "steps-x"],
+                                  ["--official_tome", "--finetuned", "somewhere"]])
+def test_bad_arguments_are_refused(argv, capsys):
+    with pytest.raises(SystemExit):
+        fidelity.parse_args(argv)
+    assert "error" in capsys.readouterr().err
+
+
+def test_official_tome_without_the_contender_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "tome", None)  # import tome -> ImportError
+    with pytest.raises(SystemExit, match="facebookresearch/ToMe"):
+        fidelity.main(["--official_tome", "--eval_samples", "8"])
+
+
+@needs_data
+def test_official_tome_follows_our_tome_tokens(tmp_path):
+    """On a checkpoint converted to timm, official ToMe removes the tokens our `tome` removes, and where its
+    matching is the same (DeiT) it gives the same fidelity; where ToMe cannot follow (more than half of a
+    layer's tokens at once) the row is left out."""
+    pytest.importorskip("timm")
+    pytest.importorskip("tome")
+    deit = str(ROOT / "recipes" / "checkpoints" / "deit-tiny-fashion-mnist")
+    rows = fidelity.main(["--model_name_or_path", deit, "--methods", "tome", "--official_tome", "--schedules",
+                          "r-8", "steps-0.3", "flops-0.62", "--eval_samples", "200", "--threads", "1"])
+    by = {(r["schedule"], r["method"]): r for r in rows}
+    assert ("steps-0.3", "official ToMe") not in by
+    for schedule in ("r-8", "flops-0.62"):
+        ours, official = by[schedule, "tome"], by[schedule, "official ToMe"]
+        assert official["tokens"] == ours["tokens"]
+        assert official["flops_ratio"] == pytest.approx(ours["flops_ratio"], abs=0.01)
+        assert official["kl"] == pytest.approx(ours["kl"], rel=0.05)
 
 
 @needs_data
