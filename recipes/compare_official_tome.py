@@ -78,15 +78,17 @@ class PixelValues(nn.Module):
 
 @torch.no_grad()
 def timm_twin(model: nn.Module, timm) -> nn.Module:
-    """timm's VisionTransformer (or its distilled DeiT) with the weights of a transformers ViT / DeiT classifier:
+    """timm's VisionTransformer (or its distilled DeiT) with the weights of a transformers ViT / distilled DeiT:
     the model official ToMe patches, computing the same logits (checked by the caller). Plain ViTs with a class
     token only (no pooler, GELU); anything else is refused."""
     from functools import partial
 
     cfg, name = model.config, type(model).__name__
-    if name not in ("ViTForImageClassification", "DeiTForImageClassification", "DeiTForImageClassificationWithTeacher"):
-        raise ValueError(f"official ToMe runs on timm's ViT / DeiT: a ViTForImageClassification or "
-                         f"DeiTForImageClassification[WithTeacher] can be converted, got {name}")
+    # (DeiTForImageClassification reads the class token alone of a distilled DeiT: no timm model does that; the
+    # Hub's non-distilled DeiTs are ViTForImageClassification)
+    if name not in ("ViTForImageClassification", "DeiTForImageClassificationWithTeacher"):
+        raise ValueError(f"official ToMe runs on timm's ViT / distilled DeiT: a ViTForImageClassification or "
+                         f"DeiTForImageClassificationWithTeacher can be converted, got {name}")
     if cfg.hidden_act != "gelu":
         raise ValueError(f"timm's ViT uses the exact GELU; this model's hidden_act is {cfg.hidden_act!r}")
     distilled = name.endswith("WithTeacher")

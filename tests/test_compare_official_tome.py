@@ -86,8 +86,8 @@ def test_pooling_times_split_a_patched_forward():
 
 def _tiny(kind: str, **overrides):
     import torch
-    from transformers import (DeiTConfig, DeiTForImageClassificationWithTeacher, SwinConfig,
-                              SwinForImageClassification, ViTConfig, ViTForImageClassification)
+    from transformers import (DeiTConfig, DeiTForImageClassification, DeiTForImageClassificationWithTeacher,
+                              SwinConfig, SwinForImageClassification, ViTConfig, ViTForImageClassification)
 
     torch.manual_seed(0)
     shape = dict(hidden_size=48, num_hidden_layers=3, num_attention_heads=3, intermediate_size=96, image_size=32,
@@ -96,13 +96,17 @@ def _tiny(kind: str, **overrides):
         return ViTForImageClassification(ViTConfig(**shape)).eval()
     if kind == "deit":
         return DeiTForImageClassificationWithTeacher(DeiTConfig(**shape)).eval()
+    if kind == "deit-cls":
+        return DeiTForImageClassification(DeiTConfig(**shape)).eval()
     return SwinForImageClassification(SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
                                                  num_heads=[1, 2], window_size=4, num_labels=5)).eval()
 
 
 def test_timm_twin_refuses_what_it_cannot_convert():
-    with pytest.raises(ValueError, match="ViTForImageClassification or DeiTForImageClassification"):
+    with pytest.raises(ValueError, match="ViTForImageClassification or DeiTForImageClassificationWithTeacher"):
         compare.timm_twin(_tiny("swin"), None)
+    with pytest.raises(ValueError, match="got DeiTForImageClassification$"):  # reads the class token alone
+        compare.timm_twin(_tiny("deit-cls"), None)
     with pytest.raises(ValueError, match="hidden_act is 'relu'"):
         compare.timm_twin(_tiny("vit", hidden_act="relu"), None)
 
