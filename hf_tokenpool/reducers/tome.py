@@ -1,6 +1,8 @@
 """ToMe bipartite soft matching (Bolya et al., ICLR 2023) as a reducer.
 
-Tokens at even positions form set A, odd positions set B. Each A token finds its most similar B
+Tokens at even positions form set A, odd positions set B (positions among the pooled tokens: the official
+code counts the protected ones too, so with one class token its two sets are these swapped, with a class and a
+distillation token the same; docs/fidelity.md, section 6). Each A token finds its most similar B
 token (cosine similarity of the attention keys); the r best-matched A tokens are merged into their B
 match by size-weighted average, the other A tokens are kept. One round can remove at most |A| =
 ceil(N/2) tokens, so a larger reduction runs further rounds on the result (a loop over rounds, a
