@@ -76,6 +76,15 @@ class PixelValues(nn.Module):
         return self.model(pixel_values)
 
 
+def official_tome(plain: nn.Module, tome, r) -> nn.Module:
+    """A copy of timm model `plain` patched by official ToMe (proportional attention) with `model.r = r`: an int,
+    or a list of the tokens each layer removes."""
+    model = copy.deepcopy(plain)
+    tome.patch.timm(model)
+    model.r = r
+    return model
+
+
 @torch.no_grad()
 def timm_twin(model: nn.Module, timm) -> nn.Module:
     """timm's VisionTransformer (or its distilled DeiT) with the weights of a transformers ViT / distilled DeiT:
@@ -220,10 +229,7 @@ def main(argv=None):
 
     torch.manual_seed(0)
     timm_plain = timm.create_model(TIMM_MODELS[args.shape], pretrained=False).eval()
-    official = timm.create_model(TIMM_MODELS[args.shape], pretrained=False).eval()
-    official.load_state_dict(timm_plain.state_dict())
-    tome.patch.timm(official)
-    official.r = args.r
+    official = official_tome(timm_plain, tome, args.r)
     hf_plain = SHAPES[args.shape]().eval()
     num_layers = hf_plain.config.num_hidden_layers
     schedule = _recipe("fidelity").schedule_settings(f"r-{args.r}", num_layers,
@@ -247,11 +253,8 @@ def main(argv=None):
         if steps is None:
             steps = tp.patch_model(copy.deepcopy(hf_plain), method="tome", target_flops=target)
         entering = tokens_per_layer(steps, one)
-        three = timm.create_model(TIMM_MODELS[args.shape], pretrained=False).eval()
-        three.load_state_dict(timm_plain.state_dict())
-        tome.patch.timm(three)
-        three.r = [a - b for a, b in zip(entering, entering[1:])] + [0]
-        officials["official ToMe, three steps"] = three
+        removed = [a - b for a, b in zip(entering, entering[1:])] + [0]
+        officials["official ToMe, three steps"] = official_tome(timm_plain, tome, removed)
 
     models = {"timm plain": PixelValues(timm_plain), **{n: PixelValues(m) for n, m in officials.items()},
               "HF plain": hf_plain, **{f"hf_tokenpool {m}": model for m, model in ours.items()}}

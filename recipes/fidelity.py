@@ -260,8 +260,7 @@ def official_tome_row(model, settings: dict, pixels, labels, plain: torch.Tensor
     if same > 1e-4:
         raise RuntimeError(f"the timm copy's logits differ from the model's by {same:.2e}")
     tome.patch.timm(twin)
-    start = compare_official_tome.tokens_entering(twin.blocks, lambda: twin(one))[0] - tp.protected_tokens(model)
-    twin.r = [a - b for a, b in zip([start, *ours[:-1]], ours)]
+    twin.r = [a - b for a, b in zip([twin.patch_embed.num_patches, *ours[:-1]], ours)]
     entering = compare_official_tome.tokens_entering([*twin.blocks, twin.norm], lambda: twin(one))
     official = [n - tp.protected_tokens(model) for n in entering[1:]]
     if official != ours:
